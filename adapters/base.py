@@ -1,0 +1,94 @@
+"""The adapter contract: what every backend implements and the types it exchanges."""
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+
+from server.errors import CapabilityNotSupported
+
+__all__ = ["Capability", "GenerateParams", "Usage", "Delta", "Adapter"]
+
+
+class Capability:
+    CHAT = "chat"
+    COMPLETION = "completion"
+    EMBEDDINGS = "embeddings"
+    TOOLS = "tools"
+    JSON_SCHEMA = "json_schema"
+    LOGPROBS = "logprobs"
+    LORA = "lora"
+    TORCH = "torch"
+
+
+class GenerateParams(msgspec.Struct, kw_only=True):
+    """One generation request, backend-neutral. Exactly one of messages / prompt is set."""
+
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    max_tokens: int | None = None  # None: until end of sequence or the context is full
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    stop: list[str] = []
+    seed: int | None = None
+    ignore_eos: bool = False  # keep generating past end-of-sequence (benchmarks, tests)
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Delta(msgspec.Struct):
+    """A piece of generated text; the last one of a sequence carries finish_reason and usage."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+class Adapter:
+    """One loaded model of one backend. Methods run on the model's worker thread, never on the loop."""
+
+    backend = "base"
+    capabilities: frozenset[str] = frozenset()
+
+    def __init__(self, record) -> None:
+        self.record = record
+        self.manifest = record.manifest
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    def load(self) -> None:
+        raise CapabilityNotSupported(f"Backend `{self.backend}` cannot load models.")
+
+    def unload(self) -> None:
+        """Free the model's memory. Safe to call twice."""
+
+    def context_length(self) -> int:
+        raise CapabilityNotSupported(f"Model `{self.id}` does not report a context length.")
+
+    def generate(self, params: GenerateParams, cancel: threading.Event) -> Iterator[Delta]:
+        raise CapabilityNotSupported(f"Model `{self.id}` cannot generate text.", param="model")
+
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        raise CapabilityNotSupported(f"Model `{self.id}` has no tokenizer.", param="model")
+
+    def detokenize(self, ids: list[int]) -> str:
+        raise CapabilityNotSupported(f"Model `{self.id}` has no tokenizer.", param="model")
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        raise CapabilityNotSupported(f"Model `{self.id}` does not support embeddings.", param="model")
+
+    def memory_estimate(self) -> int:
+        """Bytes this model will take once loaded (weights + caches), estimated before loading."""
+        return 0

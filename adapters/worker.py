@@ -1,0 +1,103 @@
+"""One owner thread per loaded model. Every adapter call runs there, in FIFO order, so the
+token loop never touches the event loop and a new request never interrupts a running one."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from adapters.base import Adapter
+
+__all__ = ["ModelWorker", "TokenStream"]
+
+log = logging.getLogger("omniloader.worker")
+
+_ITEM, _ERROR, _END = 0, 1, 2
+
+
+class TokenStream:
+    """The event-loop side of one streamed request: an async iterator over the worker's items.
+    Closing it (client gone) sets `cancel`, which the worker checks between tokens."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.cancel = threading.Event()
+
+    def _send(self, kind: int, value: Any) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, (kind, value))
+
+    def __aiter__(self) -> TokenStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        kind, value = await self._queue.get()
+        if kind == _ITEM:
+            return value
+        if kind == _ERROR:
+            raise value
+        raise StopAsyncIteration
+
+    def close(self) -> None:
+        self.cancel.set()
+
+
+class ModelWorker:
+    """Owns one adapter on a dedicated thread; requests queue up in arrival order."""
+
+    def __init__(self, adapter: Adapter) -> None:
+        self.adapter = adapter
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"model:{adapter.id}", daemon=True)
+        self.pending = 0  # requests queued or running, for status and eviction decisions
+
+    async def start(self) -> None:
+        """Start the thread and load the model on it; raises what load() raised."""
+        self._thread.start()
+        await self.call(lambda adapter: adapter.load())
+
+    async def call(self, fn: Callable[[Adapter], Any]) -> Any:
+        """Run fn(adapter) on the model's thread, in turn, and return its result."""
+        stream = self.stream(lambda adapter, _cancel: iter((fn(adapter),)))
+        async for value in stream:
+            return value
+
+    def stream(self, fn: Callable[[Adapter, threading.Event], Iterator[Any]]) -> TokenStream:
+        """Queue fn(adapter, cancel) -> iterator; its items arrive on the returned TokenStream."""
+        stream = TokenStream(asyncio.get_running_loop())
+        self.pending += 1
+        self._jobs.put((fn, stream))
+        return stream
+
+    def stop(self) -> None:
+        """Unload once the requests already queued have finished."""
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, stream = job
+            items = None
+            try:
+                if not stream.cancel.is_set():  # a client that left while queued costs nothing
+                    items = fn(self.adapter, stream.cancel)
+                    for item in items:
+                        stream._send(_ITEM, item)
+                        if stream.cancel.is_set():
+                            break
+            except BaseException as exc:  # passed to the request as a value, never kills the thread
+                stream._send(_ERROR, exc)
+            finally:
+                if hasattr(items, "close"):
+                    items.close()  # runs the generator's cleanup now, on this thread
+                stream._send(_END, None)
+                stream._loop.call_soon_threadsafe(self._done)
+        try:
+            self.adapter.unload()
+        except Exception:
+            log.exception("unloading %s failed", self.adapter.id)
+
+    def _done(self) -> None:
+        self.pending -= 1

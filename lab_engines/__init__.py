@@ -1,0 +1,1 @@
+"""The Lab's algorithms: pure functions of (model, spec, progress, cancel) -> result."""

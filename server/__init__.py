@@ -1,0 +1,1 @@
+"""OmniLoader's HTTP server: OpenAI-compatible API, model management and the Lab."""

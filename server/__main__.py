@@ -1,0 +1,50 @@
+"""The `omniloader` command (also `python -m server`)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+__all__ = ["main"]
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+    from server.settings import load_settings
+
+    settings = load_settings({
+        "host": args.host, "port": args.port, "models_dir": args.models_dir, "lab_dir": args.lab_dir,
+        "threads": args.threads, "api_key": args.api_key, "default_model": args.default_model,
+        "log_level": args.log_level,
+    })
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omniloader", description="Local OpenAI-compatible inference server")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the OpenAI API (settings also from OMNILOADER_* env vars)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--models-dir", help="folder of model manifests and GGUF files (default models)")
+    serve.add_argument("--lab-dir", help="the Lab's artifacts and job database (default lab)")
+    serve.add_argument("--threads", type=int, help="CPU threads per model (default: all cores)")
+    serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1, /api and /lab")
+    serve.add_argument("--default-model", help="model id that `default` resolves to")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(run=_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""create_app(settings) -> Litestar: the whole server, with no module-level state."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.di import Provide
+
+from adapters import create_adapter
+from server.controllers.models import ModelsController
+from server.controllers.openai import OpenAIController
+from server.controllers.ops import health
+from server.errors import exception_handlers
+from server.registry import Registry
+from server.router import AdapterFactory, ModelRouter
+from server.settings import Settings
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("omniloader")
+
+
+def create_app(settings: Settings | None = None, *, adapter_factory: AdapterFactory | None = None) -> Litestar:
+    settings = settings or Settings()
+    registry = Registry(Path(settings.models_dir), default_model=settings.default_model)
+    if adapter_factory is None:
+        def adapter_factory(record):
+            return create_adapter(record, settings)
+    router = ModelRouter(registry, adapter_factory)
+
+    def on_startup() -> None:
+        registry.scan()
+        Path(settings.lab_dir).mkdir(parents=True, exist_ok=True)
+        names = ", ".join(r.id for r in registry.usable())
+        bad = [r.manifest_path for r in registry.records() if r.error]
+        log.info("OmniLoader on http://%s:%d/v1 | default: %s | models: %s%s", settings.host, settings.port,
+                 settings.default_model, names, f" | invalid manifests: {', '.join(bad)}" if bad else "")
+
+    async def on_shutdown() -> None:
+        await router.close()
+
+    return Litestar(
+        route_handlers=[OpenAIController, ModelsController, health],
+        dependencies={"router": Provide(lambda: router, use_cache=True, sync_to_thread=False)},
+        exception_handlers=exception_handlers,
+        on_startup=[on_startup],
+        on_shutdown=[on_shutdown],
+        state=State({"settings": settings, "router": router}),
+        logging_config=None,
+        openapi_config=None,
+    )

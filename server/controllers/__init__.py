@@ -1,0 +1,1 @@
+"""Thin Litestar controllers: decode, ask the router and the serving layer, encode."""

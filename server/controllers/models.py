@@ -1,0 +1,48 @@
+"""/api/models: native model management (list with load state, load, unload, register)."""
+from __future__ import annotations
+
+from litestar import Controller, Request, get, post
+
+from server.controllers.auth import require_api_key
+from server.protocol.models import ModelInfo, ModelInfoList, ModelState
+from server.registry import ModelRecord
+from server.router import ModelRouter
+
+__all__ = ["ModelsController", "model_info"]
+
+
+def model_info(record: ModelRecord, router: ModelRouter) -> ModelInfo:
+    m = record.manifest
+    if m is None:
+        return ModelInfo(id=record.id, backend=None, source=None, origin=record.origin, state="invalid",
+                         manifest_path=record.manifest_path, error=record.error)
+    return ModelInfo(id=record.id, backend=m.backend, source=m.source, origin=record.origin,
+                     state=router.state(record.id), aliases=m.aliases, roles=m.roles,
+                     capabilities=m.capabilities, context_length=m.context_length,
+                     manifest_path=record.manifest_path, error=router.load_error(record.id))
+
+
+class ModelsController(Controller):
+    path = "/api/models"
+    guards = [require_api_key]
+
+    @get("/")
+    async def list_models(self, router: ModelRouter) -> ModelInfoList:
+        return ModelInfoList(data=[model_info(r, router) for r in router.registry.records()])
+
+    @post("/register", status_code=200)
+    async def register(self, request: Request, router: ModelRouter) -> ModelInfo:
+        record = router.registry.register(await request.body())
+        return model_info(record, router)
+
+    @post("/{model_id:str}/load", status_code=200)
+    async def load(self, model_id: str, router: ModelRouter) -> ModelState:
+        record = router.registry.resolve(model_id)
+        await router.load(record.id)
+        return ModelState(id=record.id, state=router.state(record.id))
+
+    @post("/{model_id:str}/unload", status_code=200)
+    async def unload(self, model_id: str, router: ModelRouter) -> ModelState:
+        record = router.registry.resolve(model_id)
+        await router.unload(record.id)
+        return ModelState(id=record.id, state=router.state(record.id))

@@ -1,0 +1,129 @@
+"""Typed errors and the exception handlers that turn every failure into the OpenAI envelope."""
+from __future__ import annotations
+
+import logging
+import re
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+from server.protocol.errors import ErrorBody, ErrorResponse
+
+__all__ = [
+    "OpenAIError",
+    "InvalidRequestError",
+    "ContextLengthExceeded",
+    "CapabilityNotSupported",
+    "ModelNotFound",
+    "AuthenticationError",
+    "ModelLoadError",
+    "decode_body",
+    "error_response",
+    "exception_handlers",
+]
+
+log = logging.getLogger("omniloader.errors")
+
+
+class OpenAIError(Exception):
+    """An error with an HTTP status and the OpenAI error fields."""
+
+    status_code = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def body(self) -> ErrorResponse:
+        return ErrorResponse(ErrorBody(self.message, self.type, self.param, self.code))
+
+
+class InvalidRequestError(OpenAIError):
+    status_code = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequestError):
+    code = "context_length_exceeded"
+
+
+class CapabilityNotSupported(InvalidRequestError):
+    code = "capability_not_supported"
+
+
+class ModelNotFound(OpenAIError):
+    status_code = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"The model `{name}` does not exist.", param="model")
+
+
+class AuthenticationError(OpenAIError):
+    status_code = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class ModelLoadError(OpenAIError):
+    status_code = 500
+    type = "server_error"
+    code = "model_load_failed"
+
+
+_MSGSPEC_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+
+
+def decode_body(body: bytes, type_: type) -> object:
+    """Decode a JSON body into a protocol Struct; bad JSON or types -> 400 naming the field."""
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        match = _MSGSPEC_PATH.search(text)
+        param = match.group("path") if match and match.group("path") else None
+        if text.startswith("Object missing required field"):
+            field = text.split("`")[1]
+            param = f"{param}.{field}" if param else field
+        raise InvalidRequestError(f"Invalid request body: {text}", param=param) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequestError(f"Malformed JSON body: {exc}") from None
+
+
+def error_response(status: int, message: str, type_: str, code: str | None, param: str | None = None) -> Response:
+    return Response(ErrorResponse(ErrorBody(message, type_, param, code)), status_code=status)
+
+
+def _openai_error(_: Request, exc: OpenAIError) -> Response:
+    return Response(exc.body(), status_code=exc.status_code)
+
+
+def _http_error(_: Request, exc: HTTPException) -> Response:
+    status = exc.status_code
+    type_ = "invalid_request_error" if 400 <= status < 500 else "server_error"
+    code = {404: "not_found", 405: "method_not_allowed"}.get(status)
+    message = exc.detail
+    if isinstance(exc, ValidationException) and exc.extra:
+        message = f"{exc.detail}: {exc.extra}"
+    return Response(ErrorResponse(ErrorBody(str(message), type_, None, code)), status_code=status,
+                    headers=getattr(exc, "headers", None))
+
+
+def _unexpected_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "The server had an error while processing your request.", "server_error",
+                          "internal_error")
+
+
+exception_handlers = {
+    OpenAIError: _openai_error,
+    HTTPException: _http_error,
+    Exception: _unexpected_error,
+}

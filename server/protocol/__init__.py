@@ -1,0 +1,1 @@
+"""Wire types only: msgspec Structs mirroring the OpenAI API's names."""

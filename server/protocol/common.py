@@ -1,0 +1,24 @@
+"""Types shared by the chat and completions endpoints."""
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+__all__ = ["Usage", "StreamOptions", "Temperature", "TopP", "Penalty", "MaxTokens", "Stop"]
+
+Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
+TopP = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
+MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
+Stop = str | Annotated[list[str], msgspec.Meta(max_length=4)]
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False

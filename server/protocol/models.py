@@ -1,0 +1,44 @@
+"""Model listings: OpenAI's /v1/models and OmniLoader's richer /api/models."""
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+__all__ = ["OpenAIModel", "OpenAIModelList", "ModelInfo", "ModelInfoList", "ModelState"]
+
+
+class OpenAIModel(msgspec.Struct):
+    id: str
+    created: int
+    owned_by: str = "omniloader"
+    object: Literal["model"] = "model"
+
+
+class OpenAIModelList(msgspec.Struct):
+    data: list[OpenAIModel]
+    object: Literal["list"] = "list"
+
+
+class ModelInfo(msgspec.Struct):
+    id: str
+    backend: str | None
+    source: str | None
+    origin: str
+    state: str
+    aliases: list[str] = []
+    roles: list[str] = []
+    capabilities: list[str] = []
+    context_length: int | None = None
+    manifest_path: str | None = None
+    error: str | None = None
+
+
+class ModelInfoList(msgspec.Struct):
+    data: list[ModelInfo]
+    object: Literal["list"] = "list"
+
+
+class ModelState(msgspec.Struct):
+    id: str
+    state: str

@@ -1,0 +1,1 @@
+"""Between HTTP and adapters: request -> GenerateParams, Deltas -> responses and SSE chunks."""

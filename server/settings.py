@@ -1,0 +1,38 @@
+"""Settings: defaults < environment (OMNILOADER_*) < command-line flags."""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+__all__ = ["Settings", "load_settings"]
+
+ENV_PREFIX = "OMNILOADER_"
+
+
+class Settings(msgspec.Struct, kw_only=True):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    models_dir: str = "models"
+    lab_dir: str = "lab"
+    threads: int | None = None  # llama.cpp threads; None = every core
+    api_key: str | None = None
+    default_model: str = "smollm2-135m-instruct"
+    log_level: str = "info"
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Merge env vars and explicit overrides (None values in overrides mean 'not given')."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name in Settings.__struct_fields__:
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw not in (None, ""):
+            values[name] = raw
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return msgspec.convert(values, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SystemExit(f"omniloader: invalid setting: {exc}") from None

@@ -1,0 +1,1 @@
+"""Victor: the example custom backend (runner.py + config.yaml), the contract users copy."""
