@@ -16,15 +16,22 @@ __all__ = ["ModelWorker", "TokenStream"]
 log = logging.getLogger("omniloader.worker")
 
 _ITEM, _ERROR, _END = 0, 1, 2
+# How long the worker waits for the consumer to ask for the next item before computing it anyway.
+PULL_TIMEOUT = 0.05
 
 
 class TokenStream:
     """The event-loop side of one streamed request: an async iterator over the worker's items.
-    Closing it (client gone) sets `cancel`, which the worker checks between tokens."""
+    Closing it (client gone) sets `cancel`, which the worker checks between tokens.
+
+    The worker computes item k+1 once the consumer has asked for it (or PULL_TIMEOUT passed):
+    on a machine whose cores are all busy decoding, the event loop would otherwise wait for a
+    time slice to send each token, which costs more than the short pause it takes to send it."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._queue: asyncio.Queue = asyncio.Queue()
+        self._wanted = threading.Semaphore(0)
         self.cancel = threading.Event()
 
     def _send(self, kind: int, value: Any) -> None:
@@ -34,6 +41,7 @@ class TokenStream:
         return self
 
     async def __anext__(self) -> Any:
+        self._wanted.release()
         kind, value = await self._queue.get()
         if kind == _ITEM:
             return value
@@ -42,7 +50,12 @@ class TokenStream:
         raise StopAsyncIteration
 
     def close(self) -> None:
+        """The consumer is done (finished, failed or gone): stop generating for it."""
         self.cancel.set()
+        self._wanted.release()  # wake a worker waiting for this consumer
+
+    def wait_until_wanted(self) -> None:
+        self._wanted.acquire(timeout=PULL_TIMEOUT)
 
 
 class ModelWorker:
@@ -62,8 +75,10 @@ class ModelWorker:
     async def call(self, fn: Callable[[Adapter], Any]) -> Any:
         """Run fn(adapter) on the model's thread, in turn, and return its result."""
         stream = self.stream(lambda adapter, _cancel: iter((fn(adapter),)))
-        async for value in stream:
-            return value
+        try:
+            return await anext(stream)
+        finally:
+            stream.close()  # nothing more is wanted: the worker moves on at once
 
     def stream(self, fn: Callable[[Adapter, threading.Event], Iterator[Any]]) -> TokenStream:
         """Queue fn(adapter, cancel) -> iterator; its items arrive on the returned TokenStream."""
@@ -83,10 +98,15 @@ class ModelWorker:
             try:
                 if not stream.cancel.is_set():  # a client that left while queued costs nothing
                     items = fn(self.adapter, stream.cancel)
-                    for item in items:
-                        stream._send(_ITEM, item)
+                    while True:
+                        stream.wait_until_wanted()
                         if stream.cancel.is_set():
                             break
+                        try:
+                            item = next(items)
+                        except StopIteration:
+                            break
+                        stream._send(_ITEM, item)
             except BaseException as exc:  # passed to the request as a value, never kills the thread
                 stream._send(_ERROR, exc)
             finally:

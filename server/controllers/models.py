@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from litestar import Controller, Request, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath
 
 from server.controllers.auth import require_api_key
 from server.protocol.models import ModelInfo, ModelInfoList, ModelState
@@ -11,7 +13,7 @@ from server.router import ModelRouter
 __all__ = ["ModelsController", "model_info"]
 
 
-def model_info(record: ModelRecord, router: ModelRouter) -> ModelInfo:
+def model_info(record: ModelRecord, router: NamedDependency[ModelRouter]) -> ModelInfo:
     m = record.manifest
     if m is None:
         return ModelInfo(id=record.id, backend=None, source=None, origin=record.origin, state="invalid",
@@ -27,22 +29,22 @@ class ModelsController(Controller):
     guards = [require_api_key]
 
     @get("/")
-    async def list_models(self, router: ModelRouter) -> ModelInfoList:
+    async def list_models(self, router: NamedDependency[ModelRouter]) -> ModelInfoList:
         return ModelInfoList(data=[model_info(r, router) for r in router.registry.records()])
 
     @post("/register", status_code=200)
-    async def register(self, request: Request, router: ModelRouter) -> ModelInfo:
+    async def register(self, request: Request, router: NamedDependency[ModelRouter]) -> ModelInfo:
         record = router.registry.register(await request.body())
         return model_info(record, router)
 
     @post("/{model_id:str}/load", status_code=200)
-    async def load(self, model_id: str, router: ModelRouter) -> ModelState:
+    async def load(self, model_id: FromPath[str], router: NamedDependency[ModelRouter]) -> ModelState:
         record = router.registry.resolve(model_id)
         await router.load(record.id)
         return ModelState(id=record.id, state=router.state(record.id))
 
     @post("/{model_id:str}/unload", status_code=200)
-    async def unload(self, model_id: str, router: ModelRouter) -> ModelState:
+    async def unload(self, model_id: FromPath[str], router: NamedDependency[ModelRouter]) -> ModelState:
         record = router.registry.resolve(model_id)
         await router.unload(record.id)
         return ModelState(id=record.id, state=router.state(record.id))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from litestar import Controller, Request, Response, get, post
+from litestar.di import NamedDependency
 from litestar.response import Stream
 
 from server.controllers.auth import require_api_key
@@ -27,12 +28,12 @@ class OpenAIController(Controller):
     guards = [require_api_key]
 
     @get("/models")
-    async def list_models(self, router: ModelRouter) -> OpenAIModelList:
+    async def list_models(self, router: NamedDependency[ModelRouter]) -> OpenAIModelList:
         registry = router.registry
         return OpenAIModelList(data=[OpenAIModel(id=r.id, created=registry.scanned_at) for r in registry.usable()])
 
     @post("/chat/completions", status_code=200)
-    async def chat_completions(self, request: Request, router: ModelRouter) -> Response:
+    async def chat_completions(self, request: Request, router: NamedDependency[ModelRouter]) -> Response:
         req: ChatCompletionRequest = decode_body(await request.body(), ChatCompletionRequest)
         worker = await router.acquire(req.model)
         gen = Generation(worker, chat_params(req, worker.adapter.manifest.defaults), "chat")
@@ -43,7 +44,7 @@ class OpenAIController(Controller):
         return Response(await chat_completion(gen, worker.adapter.id))
 
     @post("/completions", status_code=200)
-    async def completions(self, request: Request, router: ModelRouter) -> Response:
+    async def completions(self, request: Request, router: NamedDependency[ModelRouter]) -> Response:
         req: CompletionRequest = decode_body(await request.body(), CompletionRequest)
         worker = await router.acquire(req.model)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt

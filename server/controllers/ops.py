@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import msgspec
 from litestar import get
+from litestar.di import NamedDependency
 
 from server.router import ModelRouter
 
@@ -15,5 +16,5 @@ class Health(msgspec.Struct):
 
 
 @get("/health")
-async def health(router: ModelRouter) -> Health:
+async def health(router: NamedDependency[ModelRouter]) -> Health:
     return Health(status="ok", models=router.resident())

@@ -4,8 +4,8 @@ from msgspec import UNSET
 
 from server.errors import InvalidRequestError, decode_body
 from server.protocol.chat import ChatCompletionChunk, ChatCompletionRequest, ChunkChoice, ChunkDelta
-from server.settings import load_settings
 from server.serving.generation import chat_params
+from server.settings import load_settings
 
 
 def test_unknown_fields_are_accepted_and_content_parts_flatten():
