@@ -9,7 +9,7 @@ import msgspec
 
 from server.errors import CapabilityNotSupported
 
-__all__ = ["Capability", "GenerateParams", "Usage", "Delta", "Adapter"]
+__all__ = ["Capability", "GenerateParams", "Usage", "TopLogprob", "TokenLogprob", "Delta", "Adapter"]
 
 
 class Capability:
@@ -39,11 +39,31 @@ class GenerateParams(msgspec.Struct, kw_only=True):
     stop: list[str] = []
     seed: int | None = None
     ignore_eos: bool = False  # keep generating past end-of-sequence (benchmarks, tests)
+    logit_bias: dict[int, float] = {}  # token id -> added to its logit
+    json_schema: dict[str, Any] | None = None  # constrain the output to JSON matching this schema
+    logprobs: bool = False
+    top_logprobs: int = 0
+    suffix: str | None = None  # fill in the middle between prompt and suffix (completions)
 
 
 class Usage(msgspec.Struct):
     prompt_tokens: int
     completion_tokens: int
+
+
+class TopLogprob(msgspec.Struct, array_like=True):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(msgspec.Struct):
+    """One generated (or scored) token with its log-probability under the model."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+    top: list[TopLogprob] = []
 
 
 class Delta(msgspec.Struct):
@@ -52,6 +72,7 @@ class Delta(msgspec.Struct):
     text: str = ""
     finish_reason: str | None = None
     usage: Usage | None = None
+    logprobs: list[TokenLogprob] | None = None  # the tokens behind this piece, when asked for
 
 
 class Adapter:
@@ -86,7 +107,12 @@ class Adapter:
     def detokenize(self, ids: list[int]) -> str:
         raise CapabilityNotSupported(f"Model `{self.id}` has no tokenizer.", param="model")
 
-    def embed(self, texts: list[str]) -> list[list[float]]:
+    def score_prompt(self, prompt: str, top: int) -> list[TokenLogprob | None]:
+        """Log-probabilities of the prompt's own tokens (None for the first, which has no context)."""
+        raise CapabilityNotSupported(f"Model `{self.id}` cannot score prompts (echo with logprobs).", param="echo")
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Unit-length embedding vectors for the texts, and the number of tokens they took."""
         raise CapabilityNotSupported(f"Model `{self.id}` does not support embeddings.", param="model")
 
     def memory_estimate(self) -> int:

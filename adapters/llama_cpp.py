@@ -1,6 +1,7 @@
 """GGUF models through llama-cpp-python: the default backend."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -8,9 +9,10 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from adapters.base import Adapter, Capability, Delta, GenerateParams, Usage
+from adapters.base import Adapter, Capability, Delta, GenerateParams, TokenLogprob, Usage
+from adapters.logprobs import token_logprob
 from adapters.text import StopBuffer, Utf8Stream
-from server.errors import ContextLengthExceeded, InvalidRequestError, ModelLoadError
+from server.errors import CapabilityNotSupported, ContextLengthExceeded, InvalidRequestError, ModelLoadError
 
 __all__ = ["LlamaCppAdapter", "open_llama", "plain_cpu_buffers"]
 
@@ -55,15 +57,18 @@ def open_llama(model_path: str, *, extra_buffer_types: bool = False, **kwargs):
 
 class LlamaCppAdapter(Adapter):
     backend = "llama_cpp"
-    capabilities = frozenset({Capability.CHAT, Capability.COMPLETION})
+    capabilities = frozenset({Capability.CHAT, Capability.COMPLETION, Capability.TOOLS, Capability.JSON_SCHEMA,
+                              Capability.LOGPROBS, Capability.EMBEDDINGS})
 
     def __init__(self, record, threads: int | None = None) -> None:
         super().__init__(record)
         self.threads = self.manifest.params.get("threads") or threads or os.cpu_count() or 1
         self._llm = None
+        self._embedder = None
         self._chat_formatter = None
-        self._eog_ids = None
+        self._eog_ids: list[int] | None = None
         self._pieces: dict[int, bytes] = {}
+        self._grammars: dict[str, object] = {}
 
     def load(self) -> None:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -96,9 +101,28 @@ class LlamaCppAdapter(Adapter):
             )
 
     def unload(self) -> None:
-        if self._llm is not None:
-            self._llm.close()
-        self._llm = None
+        for llm in (self._llm, self._embedder):
+            if llm is not None:
+                llm.close()
+        self._llm = self._embedder = None
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Mean-pooled, L2-normalized hidden states from a second context in embedding mode
+        (created on first use: generation contexts cannot pool)."""
+        import llama_cpp
+
+        if self._embedder is None:
+            self._embedder = open_llama(
+                str(self.record.source_path()), embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                n_ctx=self._llm.n_ctx(), n_batch=self._llm.n_ctx(), n_ubatch=self._llm.n_ctx(),
+                n_threads=self.threads, n_threads_batch=self.threads, verbose=False)
+        for i, text in enumerate(texts):
+            n = len(self.tokenize(text, special=False))
+            if n > self._embedder.n_ctx():
+                raise ContextLengthExceeded(f"Input {i} has {n} tokens; this model embeds at most "
+                                            f"{self._embedder.n_ctx()}.", param="input")
+        vectors, count = self._embedder.embed(texts, normalize=True, truncate=False, return_count=True)
+        return vectors, count
 
     def context_length(self) -> int:
         return self._llm.n_ctx()
@@ -120,7 +144,21 @@ class LlamaCppAdapter(Adapter):
         if params.messages is not None:
             return self.tokenize(self.render_chat(params.messages), special=True)
         add_bos = self._llm._model.add_bos_token()
-        return self._llm.tokenize((params.prompt or "").encode("utf-8"), add_bos=add_bos, special=True)
+        bos = [self._llm.token_bos()] if add_bos else []
+        if params.suffix is not None:
+            return bos + self._infill_tokens(params.prompt or "", params.suffix)
+        return bos + self.tokenize(params.prompt or "", special=True)
+
+    def _infill_tokens(self, prefix: str, suffix: str) -> list[int]:
+        import llama_cpp
+
+        vocab = self._llm._model.vocab
+        pre, suf, mid = (llama_cpp.llama_vocab_fim_pre(vocab), llama_cpp.llama_vocab_fim_suf(vocab),
+                         llama_cpp.llama_vocab_fim_mid(vocab))
+        if min(pre, suf, mid) < 0:
+            raise CapabilityNotSupported(f"Model `{self.id}` has no fill-in-the-middle tokens, so `suffix` "
+                                         "(infill) is not supported.", param="suffix")
+        return [pre, *self.tokenize(prefix, special=False), suf, *self.tokenize(suffix, special=False), mid]
 
     def generate(self, params: GenerateParams, cancel: threading.Event) -> Iterator[Delta]:
         import llama_cpp
@@ -128,6 +166,7 @@ class LlamaCppAdapter(Adapter):
         prompt = self.prompt_tokens(params)
         max_new = self._check_context(len(prompt), params.max_tokens,
                                       "messages" if params.messages is not None else "prompt")
+        grammar = self._grammar(params.json_schema) if params.json_schema is not None else None
         llm = self._llm
         llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
         tokens = llm.generate(
@@ -139,10 +178,12 @@ class LlamaCppAdapter(Adapter):
             repeat_penalty=params.repeat_penalty,
             frequency_penalty=params.frequency_penalty,
             presence_penalty=params.presence_penalty,
-            logits_processor=self._ban_eog() if params.ignore_eos else None,
+            logits_processor=self._logits_processor(params),
+            grammar=grammar,
         )
+        want_logprobs = params.logprobs or params.top_logprobs > 0
         utf8, stops = Utf8Stream(), StopBuffer(params.stop)
-        produced, finish, stopped = 0, "length", False
+        produced, finish, stopped, pending_logprobs = 0, "length", False, []
         vocab = llm._model.vocab
         try:
             for token in tokens:
@@ -152,9 +193,12 @@ class LlamaCppAdapter(Adapter):
                     finish = "stop"
                     break
                 produced += 1
+                if want_logprobs:
+                    pending_logprobs.append(self._sampled_logprob(token, params.top_logprobs))
                 text, stopped = stops.push(utf8.push(self._piece(token)))
                 if text:
-                    yield Delta(text=text)
+                    yield Delta(text=text, logprobs=pending_logprobs or None)
+                    pending_logprobs = []
                 if stopped:
                     finish = "stop"
                     break
@@ -166,7 +210,84 @@ class LlamaCppAdapter(Adapter):
         if not stopped:  # the last bytes may still complete a stop string
             tail, stopped = stops.push(utf8.flush())
             tail, finish = (tail, "stop") if stopped else (tail + stops.flush(), finish)
-        yield Delta(text=tail, finish_reason=finish, usage=Usage(len(prompt), produced))
+        yield Delta(text=tail, finish_reason=finish, usage=Usage(len(prompt), produced),
+                    logprobs=pending_logprobs or None)
+
+    def _sampled_logprob(self, token: int, top: int) -> TokenLogprob:
+        """Log-probability of the token just sampled, from the raw logits it was sampled from
+        (before bias, penalties or grammar: the model's own distribution)."""
+        import numpy as np
+
+        logits = np.ctypeslib.as_array(self._llm._ctx.get_logits_ith(-1), shape=(self._llm.n_vocab(),))
+        return token_logprob(logits, token, top, self._piece)
+
+    def score_prompt(self, prompt: str, top: int) -> list[TokenLogprob | None]:
+        import numpy as np
+
+        llm = self._llm
+        tokens = self.prompt_tokens(GenerateParams(prompt=prompt))
+        self._check_context(len(tokens), 0, "prompt")
+        llm.reset()  # the KV cache is rebuilt here; the next generate() evaluates from scratch
+        llm._ctx.kv_cache_clear()
+        scored: list[TokenLogprob | None] = [None]
+        n_batch, n_vocab = llm.n_batch, llm.n_vocab()
+        for start in range(0, len(tokens), n_batch):
+            chunk = tokens[start:start + n_batch]
+            llm._batch.set_batch(chunk, n_past=start, logits_all=True)
+            llm._ctx.decode(llm._batch)
+            for i in range(len(chunk)):
+                if start + i + 1 < len(tokens):
+                    logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(i), shape=(n_vocab,))
+                    scored.append(token_logprob(logits, tokens[start + i + 1], top, self._piece))
+        llm._ctx.kv_cache_clear()
+        return scored[: len(tokens)]
+
+    def _grammar(self, schema: dict):
+        """A GBNF grammar for the JSON schema, compiled once per distinct schema."""
+        from llama_cpp.llama_grammar import LlamaGrammar
+
+        key = json.dumps(schema, sort_keys=True)
+        grammar = self._grammars.get(key)
+        if grammar is None:
+            try:
+                grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+            except Exception as exc:  # the converter raises plain errors for schemas it cannot express
+                raise InvalidRequestError(f"Invalid or unsupported JSON schema: {exc}",
+                                          param="response_format") from None
+            self._grammars[key] = grammar
+        return grammar
+
+    def _logits_processor(self, params: GenerateParams):
+        """logit_bias and ignore_eos as one llama.cpp logits processor (None when neither is asked)."""
+        import llama_cpp
+        import numpy as np
+
+        bias = dict(params.logit_bias)
+        n_vocab = self._llm.n_vocab()
+        if any(not 0 <= t < n_vocab for t in bias):
+            bad = next(t for t in bias if not 0 <= t < n_vocab)
+            raise InvalidRequestError(f"logit_bias token {bad} is outside the vocabulary (0..{n_vocab - 1}).",
+                                      param="logit_bias")
+        if params.ignore_eos:
+            bias.update({t: -np.inf for t in self._eog_tokens()})
+        if not bias:
+            return None
+        ids = np.fromiter(bias.keys(), dtype=np.intc)
+        values = np.fromiter(bias.values(), dtype=np.float32)
+
+        def apply(_input_ids, scores):
+            scores[ids] += values
+            return scores
+
+        return llama_cpp.LogitsProcessorList([apply])
+
+    def _eog_tokens(self) -> list[int]:
+        import llama_cpp
+
+        if self._eog_ids is None:
+            vocab = self._llm._model.vocab
+            self._eog_ids = [t for t in range(self._llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+        return self._eog_ids
 
     def _piece(self, token: int) -> bytes:
         """The token's bytes (cached: the vocabulary never changes while loaded)."""
@@ -183,23 +304,6 @@ class LlamaCppAdapter(Adapter):
                 n = llama_cpp.llama_token_to_piece(self._llm._model.vocab, token, buf, len(buf), 0, False)
             piece = self._pieces[token] = buf.raw[:n]
         return piece
-
-    def _ban_eog(self):
-        """A logits processor that makes end-of-generation tokens impossible (ignore_eos)."""
-        import llama_cpp
-        import numpy as np
-
-        if self._eog_ids is None:
-            vocab = self._llm._model.vocab
-            self._eog_ids = np.array([t for t in range(self._llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)],
-                                     dtype=np.intc)
-        eog = self._eog_ids
-
-        def ban(_input_ids, scores):
-            scores[eog] = -np.inf
-            return scores
-
-        return llama_cpp.LogitsProcessorList([ban])
 
     def _check_context(self, n_prompt: int, max_tokens: int | None, param: str) -> int:
         """How many tokens may be generated; a request that cannot fit is refused, never truncated."""

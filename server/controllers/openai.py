@@ -1,26 +1,45 @@
 """/v1: the OpenAI API surface."""
 from __future__ import annotations
 
+import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.response import Stream
 
+from adapters.base import Adapter, Capability, GenerateParams
 from server.controllers.auth import require_api_key
-from server.errors import decode_body
+from server.errors import CapabilityNotSupported, decode_body
 from server.protocol.chat import ChatCompletionRequest
 from server.protocol.completions import CompletionRequest
 from server.protocol.models import OpenAIModel, OpenAIModelList
 from server.router import ModelRouter
 from server.serving.chat import chat_completion, chat_events
-from server.serving.completions import completion_events, text_completion
-from server.serving.generation import Generation, chat_params, completion_params
+from server.serving.completions import CompletionJob, completion_events, text_completion
+from server.serving.generation import Generation, chat_params, chat_tool_mode, completion_params
 from server.serving.sse import SSE_HEADERS
 
-__all__ = ["OpenAIController"]
+__all__ = ["OpenAIController", "require_capability", "samples"]
 
 
 def _sse(body) -> Stream:
     return Stream(body, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def require_capability(adapter: Adapter, capability: str, param: str) -> None:
+    if capability not in adapter.capabilities:
+        raise CapabilityNotSupported(f"Model `{adapter.id}` (backend {adapter.backend}) does not support "
+                                     f"`{capability}`.", param=param)
+
+
+def samples(params: GenerateParams, n: int) -> list[GenerateParams]:
+    """n independent samples: seed, seed+1, ... when a seed is given (reproducible), else random."""
+    if n == 1:
+        return [params]
+    return [msgspec.structs.replace(params, seed=None if params.seed is None else params.seed + i) for i in range(n)]
+
+
+def _include_usage(req) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage)
 
 
 class OpenAIController(Controller):
@@ -35,23 +54,37 @@ class OpenAIController(Controller):
     @post("/chat/completions", status_code=200)
     async def chat_completions(self, request: Request, router: NamedDependency[ModelRouter]) -> Response:
         req: ChatCompletionRequest = decode_body(await request.body(), ChatCompletionRequest)
+        mode = chat_tool_mode(req)
+        params = chat_params(req, {}, mode)  # validates before any model is loaded
         worker = await router.acquire(req.model)
-        gen = Generation(worker, chat_params(req, worker.adapter.manifest.defaults), "chat")
-        await gen.start()  # errors before the first token become a real HTTP status
+        adapter = worker.adapter
+        require_capability(adapter, Capability.CHAT, "messages")
+        if mode.kind != "none":
+            require_capability(adapter, Capability.TOOLS, "tools")
+        if params.json_schema is not None:
+            require_capability(adapter, Capability.JSON_SCHEMA, "response_format")
+        if params.logprobs:
+            require_capability(adapter, Capability.LOGPROBS, "logprobs")
+        params = chat_params(req, adapter.manifest.defaults, mode)
+        gens = [Generation(worker, p, "chat") for p in samples(params, req.n)]
+        await gens[0].start()  # errors before the first token become a real HTTP status
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(chat_events(gen, worker.adapter.id, include_usage))
-        return Response(await chat_completion(gen, worker.adapter.id))
+            return _sse(chat_events(gens, adapter.id, mode, _include_usage(req), params.logprobs))
+        return Response(await chat_completion(gens, adapter.id, mode, params.logprobs))
 
     @post("/completions", status_code=200)
     async def completions(self, request: Request, router: NamedDependency[ModelRouter]) -> Response:
         req: CompletionRequest = decode_body(await request.body(), CompletionRequest)
         worker = await router.acquire(req.model)
+        adapter = worker.adapter
+        require_capability(adapter, Capability.COMPLETION, "prompt")
+        if req.logprobs is not None:
+            require_capability(adapter, Capability.LOGPROBS, "logprobs")
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        defaults = worker.adapter.manifest.defaults
-        gens = [Generation(worker, completion_params(req, p, defaults), "completion") for p in prompts]
-        await gens[0].start()
+        defaults = adapter.manifest.defaults
+        jobs = [CompletionJob(Generation(worker, p, "completion"), prompt, req.echo, req.logprobs)
+                for prompt in prompts for p in samples(completion_params(req, prompt, defaults), req.n)]
+        await jobs[0].begin()
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(completion_events(gens, worker.adapter.id, include_usage))
-        return Response(await text_completion(gens, worker.adapter.id))
+            return _sse(completion_events(jobs, adapter.id, _include_usage(req)))
+        return Response(await text_completion(jobs, adapter.id))

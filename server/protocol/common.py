@@ -5,13 +5,17 @@ from typing import Annotated
 
 import msgspec
 
-__all__ = ["Usage", "StreamOptions", "Temperature", "TopP", "Penalty", "MaxTokens", "Stop"]
+__all__ = ["Usage", "StreamOptions", "Temperature", "TopP", "Penalty", "MaxTokens", "Stop", "LogitBias",
+           "TopLogprobs"]
 
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
 MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
 Stop = str | Annotated[list[str], msgspec.Meta(max_length=4)]
+# token id (as a JSON object key) -> bias in [-100, 100]; ids are checked against the vocabulary later
+LogitBias = dict[Annotated[str, msgspec.Meta(pattern=r"^[0-9]+$")], Annotated[float, msgspec.Meta(ge=-100, le=100)]]
+TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=20)]
 
 
 class Usage(msgspec.Struct):

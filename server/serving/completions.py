@@ -1,57 +1,106 @@
-"""Text completions: Deltas -> one `text_completion`, or its SSE chunks; one choice per prompt."""
+"""Text completions: Deltas -> one `text_completion`, or its SSE chunks. Choice index
+`p * n + j` is the j-th sample of prompt p, as OpenAI numbers them."""
 from __future__ import annotations
 
 import time
 import uuid
 from collections.abc import AsyncIterator
 
-from server.protocol.common import Usage
-from server.protocol.completions import Completion, CompletionChoice
-from server.serving.chat import usage_of
+from adapters.base import TokenLogprob
+from server.protocol.completions import Completion, CompletionChoice, CompletionLogprobs
+from server.serving.chat import total_usage
 from server.serving.generation import Generation
 from server.serving.sse import DONE, error_event, event
 
-__all__ = ["text_completion", "completion_events"]
+__all__ = ["CompletionJob", "text_completion", "completion_events"]
 
 
-async def text_completion(gens: list[Generation], model: str) -> Completion:
-    choices, prompt_tokens, completion_tokens = [], 0, 0
-    for index, gen in enumerate(gens):
-        if gen.first is None:
-            await gen.start()
-        parts, last = [], None
-        async for delta in gen.deltas():
+class CompletionJob:
+    """One choice: its generation, and the echoed prompt (with its scored tokens) if asked."""
+
+    def __init__(self, gen: Generation, prompt: str, echo: bool, logprobs: int | None) -> None:
+        self.gen, self.prompt, self.echo, self.logprobs = gen, prompt, echo, logprobs
+        self.offset = 0
+        self.prefix: tuple[str, list[TokenLogprob | None]] | None = None
+
+    async def begin(self) -> tuple[str, list[TokenLogprob | None]]:
+        """Score the echoed prompt (if asked), then start generating: in this order, because the
+        model's worker serves one job at a time."""
+        if self.prefix is None:
+            scored = []
+            if self.echo and self.logprobs is not None:
+                top = self.logprobs
+                scored = await self.gen.worker.call(lambda adapter: adapter.score_prompt(self.prompt, top))
+            self.prefix = (self.prompt if self.echo else "", scored)
+            await self.gen.start()
+        return self.prefix
+
+    def logprobs_of(self, items: list[TokenLogprob | None]) -> CompletionLogprobs | None:
+        if self.logprobs is None:
+            return None
+        tokens, token_lps, tops, offsets = [], [], [], []
+        for item in items:
+            offsets.append(self.offset)
+            if item is None:  # the prompt's first token has no context to be scored in
+                tokens.append("")
+                token_lps.append(None)
+                tops.append(None)
+                continue
+            tokens.append(item.token)
+            token_lps.append(item.logprob)
+            tops.append({a.token: a.logprob for a in item.top})
+            self.offset += len(item.token)
+        return CompletionLogprobs(tokens, token_lps, tops, offsets)
+
+
+async def text_completion(jobs: list[CompletionJob], model: str) -> Completion:
+    choices, usages = [], []
+    for index, job in enumerate(jobs):
+        text, scored = await job.begin()
+        parts, items, last = [text], list(scored), None
+        async for delta in job.gen.deltas():
             parts.append(delta.text)
+            items += delta.logprobs or []
             last = delta
-        choices.append(CompletionChoice(index=index, text="".join(parts), finish_reason=last.finish_reason))
-        usage = usage_of(last.usage)
-        prompt_tokens += usage.prompt_tokens
-        completion_tokens += usage.completion_tokens
+        choices.append(CompletionChoice(index=index, text="".join(parts), finish_reason=last.finish_reason,
+                                        logprobs=job.logprobs_of(items)))
+        usages.append(last.usage)
     return Completion(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model, choices=choices,
-                      usage=Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens))
+                      usage=_usage(jobs, usages))
 
 
-async def completion_events(gens: list[Generation], model: str, include_usage: bool) -> AsyncIterator[bytes]:
+def _usage(jobs: list[CompletionJob], usages):
+    """Each distinct prompt counts once; every choice's completion counts."""
+    usage = total_usage(usages)
+    prompts = {}
+    for job, u in zip(jobs, usages):
+        if u is not None:
+            prompts[job.prompt] = u.prompt_tokens
+    usage.prompt_tokens = sum(prompts.values())
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+    return usage
+
+
+async def completion_events(jobs: list[CompletionJob], model: str, include_usage: bool) -> AsyncIterator[bytes]:
     chunk_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    prompt_tokens = completion_tokens = 0
+    usages = []
 
-    def chunk(index: int, text: str, finish_reason: str | None = None) -> bytes:
+    def chunk(index: int, text: str, finish_reason: str | None, logprobs) -> bytes:
         return event(Completion(id=chunk_id, created=created, model=model,
-                                choices=[CompletionChoice(index=index, text=text, finish_reason=finish_reason)]))
+                                choices=[CompletionChoice(index, text, finish_reason, logprobs)]))
 
     try:
-        for index, gen in enumerate(gens):
-            if gen.first is None:
-                await gen.start()
-            async for delta in gen.deltas():
+        for index, job in enumerate(jobs):
+            text, scored = await job.begin()
+            if text:
+                yield chunk(index, text, None, job.logprobs_of(scored))
+            async for delta in job.gen.deltas():
                 if delta.text or delta.finish_reason is not None:
-                    yield chunk(index, delta.text, delta.finish_reason)
+                    yield chunk(index, delta.text, delta.finish_reason, job.logprobs_of(delta.logprobs or []))
                 if delta.usage is not None:
-                    prompt_tokens += delta.usage.prompt_tokens
-                    completion_tokens += delta.usage.completion_tokens
+                    usages.append(delta.usage)
         if include_usage:
-            yield event(Completion(id=chunk_id, created=created, model=model, choices=[],
-                                   usage=Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)))
+            yield event(Completion(id=chunk_id, created=created, model=model, choices=[], usage=_usage(jobs, usages)))
     except Exception as exc:
         yield error_event(exc)
     yield DONE

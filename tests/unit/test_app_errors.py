@@ -10,6 +10,7 @@ from server.settings import Settings
 
 class BrokenAdapter(Adapter):
     backend = "fake"
+    capabilities = frozenset({"chat"})
 
     def load(self):
         pass
@@ -45,7 +46,7 @@ def test_error_after_streaming_began_is_sent_in_band_then_done(tmp_path):
         assert set(error["error"]) == {"message", "type", "param", "code"}
         assert "secret" not in events[-2]
         contents = [msgspec.json.decode(e[6:])["choices"][0]["delta"].get("content") for e in events[:-2]]
-        assert contents == ["", "partial"]
+        assert contents == ["partial"]
 
 
 def test_the_router_keeps_serving_after_a_failed_request(tmp_path):
