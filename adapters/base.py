@@ -58,10 +58,11 @@ class TopLogprob(msgspec.Struct, array_like=True):
 
 
 class TokenLogprob(msgspec.Struct):
-    """One generated (or scored) token with its log-probability under the model."""
+    """One generated (or scored) token with its log-probability under the model (None for a
+    prompt's first token, which has no context to be scored in)."""
 
     token: str
-    logprob: float
+    logprob: float | None
     bytes: list[int]
     top: list[TopLogprob] = []
 
@@ -107,8 +108,8 @@ class Adapter:
     def detokenize(self, ids: list[int]) -> str:
         raise CapabilityNotSupported(f"Model `{self.id}` has no tokenizer.", param="model")
 
-    def score_prompt(self, prompt: str, top: int) -> list[TokenLogprob | None]:
-        """Log-probabilities of the prompt's own tokens (None for the first, which has no context)."""
+    def score_prompt(self, prompt: str, top: int) -> list[TokenLogprob]:
+        """Log-probabilities of the prompt's own tokens."""
         raise CapabilityNotSupported(f"Model `{self.id}` cannot score prompts (echo with logprobs).", param="echo")
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:

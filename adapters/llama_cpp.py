@@ -131,6 +131,10 @@ class LlamaCppAdapter(Adapter):
         return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
 
     def detokenize(self, ids: list[int]) -> str:
+        n_vocab = self._llm.n_vocab()
+        bad = next((t for t in ids if not 0 <= t < n_vocab), None)
+        if bad is not None:  # llama.cpp reads out of bounds on unknown ids: refuse them here
+            raise InvalidRequestError(f"Token id {bad} is outside the vocabulary (0..{n_vocab - 1}).", param="tokens")
         return self._llm.detokenize(ids).decode("utf-8", errors="replace")
 
     def render_chat(self, messages: list[dict]) -> str:
@@ -221,7 +225,7 @@ class LlamaCppAdapter(Adapter):
         logits = np.ctypeslib.as_array(self._llm._ctx.get_logits_ith(-1), shape=(self._llm.n_vocab(),))
         return token_logprob(logits, token, top, self._piece)
 
-    def score_prompt(self, prompt: str, top: int) -> list[TokenLogprob | None]:
+    def score_prompt(self, prompt: str, top: int) -> list[TokenLogprob]:
         import numpy as np
 
         llm = self._llm
@@ -229,7 +233,8 @@ class LlamaCppAdapter(Adapter):
         self._check_context(len(tokens), 0, "prompt")
         llm.reset()  # the KV cache is rebuilt here; the next generate() evaluates from scratch
         llm._ctx.kv_cache_clear()
-        scored: list[TokenLogprob | None] = [None]
+        first = self._piece(tokens[0]) if tokens else b""
+        scored = [TokenLogprob(first.decode("utf-8", errors="replace"), None, list(first))]
         n_batch, n_vocab = llm.n_batch, llm.n_vocab()
         for start in range(0, len(tokens), n_batch):
             chunk = tokens[start:start + n_batch]

@@ -88,7 +88,8 @@ def decode_body(body: bytes, type_: type) -> object:
     except msgspec.ValidationError as exc:
         text = str(exc)
         match = _MSGSPEC_PATH.search(text)
-        param = match.group("path") if match and match.group("path") else None
+        # msgspec writes a dict value's path as `field[...]`: the field is the param.
+        param = match.group("path").replace("[...]", "") if match and match.group("path") else None
         if text.startswith("Object missing required field"):
             field = text.split("`")[1]
             param = f"{param}.{field}" if param else field

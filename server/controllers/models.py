@@ -6,7 +6,15 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 
 from server.controllers.auth import require_api_key
+from server.errors import decode_body
 from server.protocol.models import ModelInfo, ModelInfoList, ModelState
+from server.protocol.tokens import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenPiece,
+)
 from server.registry import ModelRecord
 from server.router import ModelRouter
 
@@ -48,3 +56,25 @@ class ModelsController(Controller):
         record = router.registry.resolve(model_id)
         await router.unload(record.id)
         return ModelState(id=record.id, state=router.state(record.id))
+
+    @post("/{model_id:str}/tokenize", status_code=200)
+    async def tokenize(self, model_id: FromPath[str], request: Request,
+                       router: NamedDependency[ModelRouter]) -> TokenizeResponse:
+        req: TokenizeRequest = decode_body(await request.body(), TokenizeRequest)
+        worker = await router.acquire(model_id)
+
+        def run(adapter):
+            ids = adapter.tokenize(req.text, special=req.special)
+            pieces = [TokenPiece(i, adapter.detokenize([i])) for i in ids] if req.with_pieces else None
+            return ids, pieces
+
+        ids, pieces = await worker.call(run)
+        return TokenizeResponse(model=worker.adapter.id, tokens=ids, count=len(ids), pieces=pieces)
+
+    @post("/{model_id:str}/detokenize", status_code=200)
+    async def detokenize(self, model_id: FromPath[str], request: Request,
+                         router: NamedDependency[ModelRouter]) -> DetokenizeResponse:
+        req: DetokenizeRequest = decode_body(await request.body(), DetokenizeRequest)
+        worker = await router.acquire(model_id)
+        text = await worker.call(lambda adapter: adapter.detokenize(req.tokens))
+        return DetokenizeResponse(model=worker.adapter.id, text=text)

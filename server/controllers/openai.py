@@ -11,10 +11,12 @@ from server.controllers.auth import require_api_key
 from server.errors import CapabilityNotSupported, decode_body
 from server.protocol.chat import ChatCompletionRequest
 from server.protocol.completions import CompletionRequest
+from server.protocol.embeddings import EmbeddingList, EmbeddingRequest
 from server.protocol.models import OpenAIModel, OpenAIModelList
 from server.router import ModelRouter
 from server.serving.chat import chat_completion, chat_events
 from server.serving.completions import CompletionJob, completion_events, text_completion
+from server.serving.embeddings import embed
 from server.serving.generation import Generation, chat_params, chat_tool_mode, completion_params
 from server.serving.sse import SSE_HEADERS
 
@@ -88,3 +90,10 @@ class OpenAIController(Controller):
         if req.stream:
             return _sse(completion_events(jobs, adapter.id, _include_usage(req)))
         return Response(await text_completion(jobs, adapter.id))
+
+    @post("/embeddings", status_code=200)
+    async def embeddings(self, request: Request, router: NamedDependency[ModelRouter]) -> EmbeddingList:
+        req: EmbeddingRequest = decode_body(await request.body(), EmbeddingRequest)
+        worker = await router.acquire(req.model)
+        require_capability(worker.adapter, Capability.EMBEDDINGS, "model")
+        return await embed(worker, req)

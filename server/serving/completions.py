@@ -21,9 +21,9 @@ class CompletionJob:
     def __init__(self, gen: Generation, prompt: str, echo: bool, logprobs: int | None) -> None:
         self.gen, self.prompt, self.echo, self.logprobs = gen, prompt, echo, logprobs
         self.offset = 0
-        self.prefix: tuple[str, list[TokenLogprob | None]] | None = None
+        self.prefix: tuple[str, list[TokenLogprob]] | None = None
 
-    async def begin(self) -> tuple[str, list[TokenLogprob | None]]:
+    async def begin(self) -> tuple[str, list[TokenLogprob]]:
         """Score the echoed prompt (if asked), then start generating: in this order, because the
         model's worker serves one job at a time."""
         if self.prefix is None:
@@ -35,20 +35,15 @@ class CompletionJob:
             await self.gen.start()
         return self.prefix
 
-    def logprobs_of(self, items: list[TokenLogprob | None]) -> CompletionLogprobs | None:
+    def logprobs_of(self, items: list[TokenLogprob]) -> CompletionLogprobs | None:
         if self.logprobs is None:
             return None
         tokens, token_lps, tops, offsets = [], [], [], []
         for item in items:
             offsets.append(self.offset)
-            if item is None:  # the prompt's first token has no context to be scored in
-                tokens.append("")
-                token_lps.append(None)
-                tops.append(None)
-                continue
             tokens.append(item.token)
             token_lps.append(item.logprob)
-            tops.append({a.token: a.logprob for a in item.top})
+            tops.append(None if item.logprob is None else {a.token: a.logprob for a in item.top})
             self.offset += len(item.token)
         return CompletionLogprobs(tokens, token_lps, tops, offsets)
 

@@ -12,7 +12,8 @@ import msgspec
 __all__ = ["ToolMode", "tool_mode", "tool_system_prompt", "forced_call_schema", "replay_tool_calls",
            "ForcedCallParser", "parse_auto_call", "new_call_id"]
 
-CALL_PREFIX = re.compile(r'^\s*\{\s*"name"\s*:\s*"(?P<name>(?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+# The arguments start at the first visible character after `"arguments":`.
+CALL_PREFIX = re.compile(r'^\s*\{\s*"name"\s*:\s*"(?P<name>(?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\S)')
 
 
 class ToolMode(msgspec.Struct):
@@ -92,7 +93,8 @@ class ForcedCallParser:
             self.name = new_name = json.loads(f'"{match.group("name")}"')
             self._args_start = match.end()
         args = self.text[self._args_start:]
-        safe = len(args[: args.rfind("}")].rstrip()) if "}" in args else 0
+        # Everything before the last `}` is safe (that one may close the call object itself).
+        safe = len(args[: args.rfind("}")].rstrip()) if "}" in args else len(args.rstrip())
         return new_name, self._take(args, safe)
 
     def finish(self) -> tuple[str | None, str]:
