@@ -55,3 +55,20 @@ def test_the_router_keeps_serving_after_a_failed_request(tmp_path):
         r = c.get("/api/models")
         assert {m["id"]: m["state"] for m in r.json()["data"]}["smollm2-135m-instruct"] == "loaded"
         assert c.get("/health").json()["models"] == ["smollm2-135m-instruct"]
+
+
+def test_missing_capabilities_are_400s_naming_model_and_capability(tmp_path):
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    with client(tmp_path) as c:
+        for path, body, capability in [
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [tool]}, "tools"),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                      "response_format": {"type": "json_object"}}, "json_schema"),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+            ("/v1/embeddings", {"input": "x"}, "embeddings"),
+            ("/v1/completions", {"prompt": "x"}, "completion"),
+        ]:
+            r = c.post(path, json={"model": "default", **body})
+            error = r.json()["error"]
+            assert r.status_code == 400 and error["code"] == "capability_not_supported", (path, r.text)
+            assert "smollm2-135m-instruct" in error["message"] and capability in error["message"]
