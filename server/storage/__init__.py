@@ -1,0 +1,1 @@
+"""Durable state the server keeps between requests (SQLite files under the lab directory)."""
