@@ -12,6 +12,7 @@ from adapters import create_adapter
 from server.controllers.models import ModelsController
 from server.controllers.openai import OpenAIController
 from server.controllers.ops import health
+from server.controllers.responses import ResponsesController
 from server.errors import exception_handlers
 from server.registry import Registry
 from server.router import AdapterFactory, ModelRouter
@@ -42,7 +43,7 @@ def create_app(settings: Settings | None = None, *, adapter_factory: AdapterFact
         await router.close()
 
     return Litestar(
-        route_handlers=[OpenAIController, ModelsController, health],
+        route_handlers=[OpenAIController, ResponsesController, ModelsController, health],
         dependencies={"router": Provide(lambda: router, use_cache=True, sync_to_thread=False)},
         exception_handlers=exception_handlers,
         on_startup=[on_startup],
