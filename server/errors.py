@@ -18,6 +18,7 @@ __all__ = [
     "ModelNotFound",
     "AuthenticationError",
     "ModelLoadError",
+    "ModelHashMismatch",
     "decode_body",
     "error_response",
     "exception_handlers",
@@ -76,6 +77,22 @@ class ModelLoadError(OpenAIError):
     status_code = 500
     type = "server_error"
     code = "model_load_failed"
+
+
+class ModelHashMismatch(OpenAIError):
+    """A locked model's files no longer hash to the pinned sha256: refuse to load them."""
+
+    status_code = 409
+    type = "invalid_request_error"
+    code = "model_hash_mismatch"
+
+    def __init__(self, model_id: str, expected: str, actual: str) -> None:
+        super().__init__(f"Model `{model_id}` is locked to sha256 {expected[:12]}… but its files now hash to "
+                         f"{actual[:12]}…; refusing to load it (re-verify, then `omniloader models lock "
+                         f"{model_id} --set-expected` if the change is intended).", param="model")
+        self.model_id = model_id
+        self.expected = expected
+        self.actual = actual
 
 
 _MSGSPEC_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
