@@ -1,24 +1,41 @@
-"""Model registry: manifests -> ModelRecords; discovery of loose GGUF files; id/alias resolution."""
+"""Model registry: manifests -> ModelRecords; layered discovery (curated manifests, loose GGUF files,
+HF and ONNX folders); resolution by id, alias or role; capability-aware selection; integrity hooks."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
+import os
+import sqlite3
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
 import msgspec.yaml
 
-from server.errors import InvalidRequestError, ModelLoadError, ModelNotFound
+from server.errors import (
+    InvalidRequestError,
+    ModelLoadError,
+    ModelNotFound,
+    OpenAIError,
+)
+from server.registry_state import STATE_FILE, ModelIntegrity, RegistryState
 
-__all__ = ["Manifest", "ModelRecord", "Registry", "resolve_source"]
+__all__ = ["Manifest", "ModelRecord", "Registry", "resolve_source", "Rejection", "Selection",
+           "SelectionResult", "NoModelQualifies", "ROLE_PREFIX"]
 
 log = logging.getLogger("omniloader.registry")
 
 BUILTIN_DIR = Path(__file__).parent / "builtin_models"
 MANIFEST_NAMES = ("manifest.yaml", "manifest.yml", "manifest.json")
 DEFAULT_ALIAS = "default"
+ROLE_PREFIX = "role:"
+ORIGIN_RANK = {"discovered": 0, "builtin": 1, "curated": 2}  # who wins a shared id; selection order
+# What llama.cpp gives any GGUF it can load (adapters/llama_cpp.py): a discovered GGUF advertises it.
+GGUF_CAPABILITIES = ["chat", "completion", "tools", "json_schema", "logprobs", "embeddings"]
+_GENERATIVE_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 ModelId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$", max_length=200)]
 Backend = Literal["llama_cpp", "hf_transformers", "onnx_runtime", "vllm_remote", "victor_custom"]
@@ -53,6 +70,43 @@ class ModelRecord(msgspec.Struct, kw_only=True):
         assert self.manifest is not None
         return resolve_source(self.manifest.source, self.base_dir)
 
+    def local_path(self) -> Path | None:
+        """The model's file or folder, or None when it lives behind a URL (vllm_remote)."""
+        assert self.manifest is not None
+        source = self.manifest.source
+        if self.manifest.backend == "vllm_remote" or ("://" in source and not source.startswith("package://")):
+            return None
+        return self.source_path()
+
+
+class Rejection(msgspec.Struct):
+    id: str
+    reason: str
+
+
+class SelectionResult(msgspec.Struct):
+    """GET /api/models/select: the chosen model id, why, and who was passed over and why."""
+    model: str
+    reason: str
+    rejected: list[Rejection] = []
+
+
+class Selection(msgspec.Struct):
+    record: ModelRecord
+    reason: str
+    rejected: list[Rejection] = []
+
+    def result(self) -> SelectionResult:
+        return SelectionResult(self.record.id, self.reason, self.rejected)
+
+
+class NoModelQualifies(ModelNotFound):
+    """404 model_not_found whose message says why every candidate was turned down."""
+
+    def __init__(self, query: str, detail: str, rejected: list[Rejection]) -> None:
+        OpenAIError.__init__(self, f"No model qualifies for `{query}`: {detail}", param="model")
+        self.rejected = rejected
+
 
 def resolve_source(source: str, base_dir: Path) -> Path:
     """Resolve `package://pkg/rel/path` through importlib (without running the package's code),
@@ -73,15 +127,69 @@ def _decode_manifest(data: bytes, path: Path) -> Manifest:
     return msgspec.yaml.decode(data, type=Manifest)
 
 
-class Registry:
-    """One merged view of the built-in, curated (models/*/manifest.*) and discovered models."""
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
-    def __init__(self, models_dir: Path, default_model: str = "smollm2-135m-instruct") -> None:
+
+def _dir_backend(folder: Path, filenames: list[str]) -> str | None:
+    """An HF folder (config.json + weights) or an ONNX folder (*.onnx here or in onnx/)."""
+    if "config.json" in filenames and any(
+            n.endswith(".safetensors") or (n.startswith("pytorch_model") and n.endswith(".bin")) for n in filenames):
+        return "hf_transformers"
+    if any(n.endswith(".onnx") for n in filenames) or any((folder / "onnx").glob("*.onnx")):
+        return "onnx_runtime"
+    return None
+
+
+def _dir_model_id(folder: Path) -> str:
+    # A Hugging Face cache snapshot (models--org--name/snapshots/<rev>) is named after its repo.
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent.name.removeprefix("models--")
+    return folder.name
+
+
+def _discovered_dir(folder: Path, backend: str) -> ModelRecord:
+    """Roles and capabilities of a folder model from its config.json and tokenizer_config.json."""
+    config = _read_json(folder / "config.json")
+    template = _read_json(folder / "tokenizer_config.json").get("chat_template") or (
+        folder / "chat_template.jinja").is_file()
+    architectures = config.get("architectures") or []
+    generative = not architectures or any(a.endswith(_GENERATIVE_HEADS) for a in architectures)
+    if generative:
+        capabilities = ["chat", "completion"] if template else ["completion"]
+        roles = ["chat"] if template else ["completion"]
+    else:  # an encoder (BertModel, ...): embeddings only
+        capabilities, roles = ["embeddings"], ["embed"]
+    context = config.get("max_position_embeddings") or config.get("n_positions")
+    manifest = Manifest(id=_dir_model_id(folder), backend=backend, source=str(folder.absolute()), roles=roles,
+                        capabilities=capabilities,
+                        context_length=context if isinstance(context, int) and context > 0 else None)
+    return ModelRecord(id=manifest.id, origin="discovered", manifest=manifest)
+
+
+def _requirements(require: Iterable[str] | str | None) -> list[str]:
+    """`["tools,json_schema", "logprobs"]` -> `["tools", "json_schema", "logprobs"]` (order kept)."""
+    items = [require] if isinstance(require, str) else list(require or ())
+    return list(dict.fromkeys(c.strip() for item in items for c in item.split(",") if c.strip()))
+
+
+class Registry:
+    """One merged view of the built-in, curated (models/*/manifest.*) and discovered models,
+    plus (with a lab_dir) their persistent state: hashes, locks, usage."""
+
+    def __init__(self, models_dir: Path, default_model: str = "smollm2-135m-instruct",
+                 lab_dir: Path | None = None) -> None:
         self.models_dir = Path(models_dir)
         self.default_model = default_model
         self._records: dict[str, ModelRecord] = {}
         self._aliases: dict[str, str] = {}
         self.scanned_at = int(time.time())
+        self.state = RegistryState(Path(lab_dir) / STATE_FILE) if lab_dir is not None else None
+        self.integrity = ModelIntegrity(self.state) if self.state is not None else None
 
     def scan(self) -> None:
         records: dict[str, ModelRecord] = {}
@@ -93,12 +201,31 @@ class Registry:
                 if path.name in MANIFEST_NAMES:
                     manifest_dirs.add(path.parent)
                     self._add(records, self._load_manifest(path, "curated"))
-            for path in sorted(self.models_dir.rglob("*.gguf")):
-                if not any(d in path.parents for d in manifest_dirs):
-                    self._add(records, self._discovered_gguf(path))
+            self._discover(records, manifest_dirs)
         self._records = records
         self._aliases = self._build_aliases(records)
         self.scanned_at = int(time.time())
+        log.info("scanned %s: %d models", self.models_dir, len(records))
+
+    def _discover(self, records: dict[str, ModelRecord], manifest_dirs: set[Path]) -> None:
+        """Walk models/ (following symlinks, once per real folder): loose GGUF files anywhere, HF and
+        ONNX folders outside curated ones; a claimed folder's subfolders are not models of their own."""
+        claimed: list[Path] = []
+        seen: set[Path] = set()
+        for dirpath, dirnames, filenames in os.walk(self.models_dir, followlinks=True):
+            here = Path(dirpath)
+            if here.resolve() in seen:  # a symlink loop or a second link to the same folder
+                dirnames[:] = []
+                continue
+            seen.add(here.resolve())
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and here / d not in manifest_dirs)
+            inside = any(c == here or c in here.parents for c in claimed)
+            if here != self.models_dir and not inside and (backend := _dir_backend(here, filenames)):
+                claimed.append(here)
+                self._add(records, _discovered_dir(here, backend))
+            for name in sorted(filenames):
+                if name.endswith(".gguf"):
+                    self._add(records, self._discovered_gguf(here / name))
 
     def _load_manifest(self, path: Path, origin: str) -> ModelRecord:
         try:
@@ -111,20 +238,21 @@ class Registry:
 
     @staticmethod
     def _discovered_gguf(path: Path) -> ModelRecord:
-        manifest = Manifest(id=path.stem, backend="llama_cpp", source=str(path.resolve()),
-                            capabilities=["chat", "completion"])
+        # absolute(), not resolve(): a symlinked GGUF keeps the name the user gave it (and hashes under it)
+        manifest = Manifest(id=path.stem, backend="llama_cpp", source=str(path.absolute()),
+                            capabilities=list(GGUF_CAPABILITIES))
         return ModelRecord(id=manifest.id, origin="discovered", manifest=manifest)
 
     @staticmethod
     def _add(records: dict[str, ModelRecord], record: ModelRecord) -> None:
         existing = records.get(record.id)
-        rank = {"discovered": 0, "builtin": 1, "curated": 2}
         if existing is not None and existing.manifest is not None:
-            if rank[record.origin] < rank[existing.origin]:
+            if ORIGIN_RANK[record.origin] < ORIGIN_RANK[existing.origin]:
                 return
-            if rank[record.origin] == rank[existing.origin]:
-                log.warning("duplicate model id %s in %s (kept %s)", record.id, record.manifest_path,
-                            existing.manifest_path)
+            if ORIGIN_RANK[record.origin] == ORIGIN_RANK[existing.origin]:
+                log.warning("duplicate model id %s in %s (kept %s)", record.id,
+                            record.manifest_path or record.manifest.source,
+                            existing.manifest_path or existing.manifest.source)
                 return
         records[record.id] = record
 
@@ -152,10 +280,101 @@ class Registry:
         return record
 
     def resolve(self, name: str) -> ModelRecord:
-        """A request's `model` (id, alias, or `default`) -> its record; 404 model_not_found otherwise."""
+        """A request's `model` (id, alias, `default` or `role:<role>`) -> its record; 404 otherwise."""
         if name == DEFAULT_ALIAS:
             name = self.default_model
-        return self.get(self._aliases.get(name, name))
+        target = self._aliases.get(name, name)
+        if target not in self._records and name.startswith(ROLE_PREFIX):
+            return self.select(name).record
+        return self.get(target)
+
+    def select(self, name_or_role: str, require: Iterable[str] | str | None = None) -> Selection:
+        """The model for an id/alias or `role:<role>` that has every required capability. For a role:
+        the default model if it qualifies, then curated before built-in before discovered, then by id."""
+        require = _requirements(require)
+        needs = f" with {', '.join(require)}" if require else ""
+        target = self._aliases.get(name_or_role, name_or_role)
+        if target in self._records or not name_or_role.startswith(ROLE_PREFIX):
+            record = self.resolve(name_or_role)
+            if why := self._why_not(record, require):
+                raise NoModelQualifies(name_or_role + needs, f"`{record.id}` {why}", [Rejection(record.id, why)])
+            named = "" if record.id == name_or_role else f" (`{name_or_role}` names it)"
+            return Selection(record, f"`{record.id}` was asked for by name{named}"
+                             + (f" and has {', '.join(require)}" if require else ""))
+        role = name_or_role.removeprefix(ROLE_PREFIX)
+        rejected: list[Rejection] = []
+        for record in self.candidates(role):
+            if why := self._why_not(record, require):
+                rejected.append(Rejection(record.id, why))
+                continue
+            return Selection(record, self._why_chosen(record, role, require, rejected), rejected)
+        detail = "; ".join(f"`{r.id}` {r.reason}" for r in rejected) or f"no model has role `{role}`"
+        raise NoModelQualifies(name_or_role + needs, detail, rejected)
+
+    def candidates(self, role: str) -> list[ModelRecord]:
+        """The usable models having `role`, in the order `role:<role>` tries them."""
+        return sorted((r for r in self.usable() if role in r.manifest.roles), key=self._preference)
+
+    def default_id(self) -> str:
+        return self._aliases.get(self.default_model, self.default_model)
+
+    def _preference(self, record: ModelRecord) -> tuple:
+        return record.id != self.default_id(), -ORIGIN_RANK[record.origin], record.id
+
+    def _why_chosen(self, record: ModelRecord, role: str, require: list[str], rejected: list[Rejection]) -> str:
+        if record.id == self.default_id():
+            reason = f"`{record.id}` is the default model and has role `{role}`"
+        else:
+            reason = (f"`{record.id}` is the first {record.origin} model with role `{role}` "
+                      "(default first, then curated, built-in, discovered; then by id)")
+        if require:
+            reason += f" and has {', '.join(require)}"
+        return reason + (f"; {len(rejected)} candidate(s) passed over" if rejected else "")
+
+    def _why_not(self, record: ModelRecord, require: list[str]) -> str | None:
+        """Why a record cannot serve a request needing `require`, or None when it can."""
+        caps = record.manifest.capabilities
+        if missing := [c for c in require if c not in caps]:
+            return f"lacks {', '.join(missing)} (capabilities: {', '.join(caps) or 'none'})"
+        try:
+            path = record.local_path()
+        except OpenAIError as exc:
+            return exc.message
+        if path is not None and not path.exists():
+            return f"has no files at {path}"
+        return self._integrity_problem(record.id)
+
+    def _integrity_problem(self, model_id: str) -> str | None:
+        """From the recorded state only (no hashing here): a locked model whose last verification
+        did not match its expected hash cannot be chosen."""
+        try:
+            row = self.state.get(model_id) if self.state is not None else None
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("registry state unreadable (%s); skipping the lock check of %s", exc, model_id)
+            return None
+        if row and row.locked and row.sha256 and row.expected_sha256 and row.sha256 != row.expected_sha256:
+            return f"is locked to sha256 {row.expected_sha256[:12]}… but last verified as {row.sha256[:12]}…"
+        return None
+
+    def check_integrity(self, record: ModelRecord) -> None:
+        """Before a load: re-hash a locked model's files; raises ModelHashMismatch (409) if they
+        changed. Hashing reads every byte: call it off the event loop. No-op without a lab_dir."""
+        if self.integrity is not None and (path := record.local_path()) is not None:
+            self.integrity.check(record.id, path)
+
+    def record_use(self, model_id: str) -> None:
+        self._record(lambda state: state.record_use(model_id, time.time()))
+
+    def record_load(self, model_id: str, seconds: float) -> None:
+        self._record(lambda state: state.record_load(model_id, seconds))
+
+    def _record(self, write) -> None:
+        # Bookkeeping must never fail a request: a locked or full disk only costs a warning.
+        try:
+            if self.state is not None:
+                write(self.state)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("registry state not updated: %s", exc)
 
     def register(self, body: bytes) -> ModelRecord:
         """Validate a manifest (JSON body), write it to models/<id>/manifest.json and add it."""

@@ -1,12 +1,14 @@
 """/api/models: native model management (list with load state, load, unload, register)."""
 from __future__ import annotations
 
+import asyncio
+
 from litestar import Controller, Request, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath
+from litestar.params import FromPath, FromQuery
 
 from server.controllers.auth import require_api_key
-from server.errors import decode_body
+from server.errors import InvalidRequestError, decode_body
 from server.protocol.models import ModelInfo, ModelInfoList, ModelState
 from server.protocol.tokens import (
     DetokenizeRequest,
@@ -15,7 +17,7 @@ from server.protocol.tokens import (
     TokenizeResponse,
     TokenPiece,
 )
-from server.registry import ModelRecord
+from server.registry import ROLE_PREFIX, ModelRecord, SelectionResult
 from server.router import ModelRouter
 
 __all__ = ["ModelsController", "model_info"]
@@ -38,6 +40,22 @@ class ModelsController(Controller):
 
     @get("/")
     async def list_models(self, router: NamedDependency[ModelRouter]) -> ModelInfoList:
+        return ModelInfoList(data=[model_info(r, router) for r in router.registry.records()])
+
+    @get("/select")
+    async def select(self, router: NamedDependency[ModelRouter], name: FromQuery[str | None] = None,
+                     role: FromQuery[str | None] = None,
+                     require: FromQuery[list[str] | None] = None) -> SelectionResult:
+        """Which model `name` (id, alias, role:<role>) or `role` picks with the `require`d capabilities
+        (comma-separated or repeated), why, and which candidates were passed over; 404 if none."""
+        if (name is None) == (role is None):
+            raise InvalidRequestError("Give exactly one of `name` or `role`.", param="name")
+        return router.registry.select(name if name is not None else ROLE_PREFIX + role, require).result()
+
+    @post("/rescan", status_code=200)
+    async def rescan(self, router: NamedDependency[ModelRouter]) -> ModelInfoList:
+        """Re-read manifests and re-discover models/ now (hot reload), then list them."""
+        await asyncio.to_thread(router.registry.scan)
         return ModelInfoList(data=[model_info(r, router) for r in router.registry.records()])
 
     @post("/register", status_code=200)

@@ -95,3 +95,96 @@ def test_register_validates_writes_atomically_and_rescans(tmp_path):
     fresh = Registry(tmp_path)
     fresh.scan()
     assert fresh.resolve("mine").origin == "curated"
+
+
+def hf_dir(path: Path, *, chat_template: str | None = "{{ messages }}", arch: str = "LlamaForCausalLM",
+           weights: str = "model.safetensors") -> Path:
+    write(path / "config.json", json.dumps({"architectures": [arch], "max_position_embeddings": 2048}))
+    write(path / weights, "weights")
+    tokenizer = {"chat_template": chat_template} if chat_template else {"model_max_length": 2048}
+    write(path / "tokenizer_config.json", json.dumps(tokenizer))
+    return path
+
+
+def test_hf_folders_are_discovered_with_capabilities_from_their_config(tmp_path):
+    hf_dir(tmp_path / "chatty")
+    hf_dir(tmp_path / "nested" / "plain-lm", chat_template=None, weights="pytorch_model-00001-of-00002.bin")
+    hf_dir(tmp_path / "encoder", chat_template=None, arch="BertModel")
+    write(tmp_path / "no-weights" / "config.json", "{}")  # a config alone is not a model
+    reg = Registry(tmp_path)
+    reg.scan()
+    chatty = reg.resolve("chatty")
+    assert (chatty.origin, chatty.manifest.backend) == ("discovered", "hf_transformers")
+    assert chatty.manifest.capabilities == ["chat", "completion"] and chatty.manifest.roles == ["chat"]
+    assert chatty.manifest.context_length == 2048
+    assert chatty.source_path() == tmp_path / "chatty"
+    plain = reg.resolve("plain-lm").manifest
+    assert plain.capabilities == ["completion"] and plain.roles == ["completion"]
+    encoder = reg.resolve("encoder").manifest
+    assert encoder.capabilities == ["embeddings"] and encoder.roles == ["embed"]
+    with pytest.raises(ModelNotFound):
+        reg.resolve("no-weights")
+
+
+def test_onnx_folders_are_discovered_and_their_subfolders_are_not_separate_models(tmp_path):
+    write(tmp_path / "flat" / "model.onnx", "onnx")
+    write(tmp_path / "hub-style" / "onnx" / "model_quantized.onnx", "onnx")
+    write(tmp_path / "hub-style" / "tokenizer_config.json", json.dumps({"chat_template": "{{ x }}"}))
+    hf_dir(tmp_path / "both")
+    write(tmp_path / "both" / "onnx" / "model.onnx", "onnx")  # an HF folder with an export: still HF
+    reg = Registry(tmp_path)
+    reg.scan()
+    ids = {r.id for r in reg.records()}
+    assert {"flat", "hub-style", "both"} <= ids and "onnx" not in ids
+    assert reg.resolve("flat").manifest.backend == "onnx_runtime"
+    hub = reg.resolve("hub-style").manifest
+    assert hub.backend == "onnx_runtime" and hub.capabilities == ["chat", "completion"]
+    assert reg.resolve("both").manifest.backend == "hf_transformers"
+
+
+def test_curated_manifest_wins_over_a_discovered_folder_with_the_same_id(tmp_path):
+    hf_dir(tmp_path / "loose" / "shared")
+    write(tmp_path / "curated" / "manifest.yaml",
+          "id: shared\nbackend: hf_transformers\nsource: weights\ncapabilities: [chat, tools]\n")
+    hf_dir(tmp_path / "curated" / "weights")  # inside the curated folder: never discovered
+    reg = Registry(tmp_path)
+    reg.scan()
+    shared = reg.resolve("shared")
+    assert shared.origin == "curated" and shared.manifest.capabilities == ["chat", "tools"]
+    assert "weights" not in {r.id for r in reg.records()}
+
+
+def test_hf_cache_snapshots_are_named_after_the_repo_and_symlink_loops_end(tmp_path):
+    snapshot = hf_dir(tmp_path / "models--HuggingFaceTB--SmolLM2-135M" / "snapshots" / "0123abcd")
+    (snapshot / "loop").symlink_to(tmp_path)  # a link back up must not walk forever
+    reg = Registry(tmp_path)
+    reg.scan()
+    record = reg.resolve("HuggingFaceTB--SmolLM2-135M")
+    assert record.source_path() == snapshot
+    assert [r.id for r in reg.records() if r.origin == "discovered"] == ["HuggingFaceTB--SmolLM2-135M"]
+
+
+def test_a_rescan_picks_up_added_and_removed_models(tmp_path):
+    reg = Registry(tmp_path)
+    reg.scan()
+    with pytest.raises(ModelNotFound):
+        reg.resolve("later")
+    hf_dir(tmp_path / "later")
+    write(tmp_path / "later.gguf", "x")  # same id as the folder: the first found is kept, no crash
+    reg.scan()
+    assert reg.resolve("later").manifest.backend in {"hf_transformers", "llama_cpp"}
+    (tmp_path / "later.gguf").unlink()
+    for f in (tmp_path / "later").iterdir():
+        f.unlink()
+    reg.scan()
+    with pytest.raises(ModelNotFound):
+        reg.resolve("later")
+
+
+def test_a_symlinked_gguf_keeps_its_own_name_as_its_source(tmp_path, default_gguf):
+    (tmp_path / "mine.gguf").symlink_to(default_gguf)
+    reg = Registry(tmp_path)
+    reg.scan()
+    record = reg.resolve("mine")
+    assert record.source_path() == tmp_path / "mine.gguf" and record.local_path().is_file()
+    assert "tools" in record.manifest.capabilities  # what llama.cpp gives any GGUF
