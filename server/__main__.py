@@ -5,6 +5,8 @@ import argparse
 import logging
 import sys
 
+from server.cli_models import add_models_parser
+
 __all__ = ["main"]
 
 
@@ -38,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--default-model", help="model id that `default` resolves to")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(run=_serve)
+    add_models_parser(commands)
     return parser
 
 
