@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -90,7 +90,8 @@ class Adapter:
     def id(self) -> str:
         return self.record.id
 
-    def load(self) -> None:
+    def load(self, progress: Callable[[float], None] | None = None) -> None:
+        """Load the model; call progress(fraction) as it goes when the backend can tell."""
         raise CapabilityNotSupported(f"Backend `{self.backend}` cannot load models.")
 
     def unload(self) -> None:

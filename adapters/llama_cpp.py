@@ -3,18 +3,31 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from adapters.base import Adapter, Capability, Delta, GenerateParams, TokenLogprob, Usage
+from adapters.base import (
+    Adapter,
+    Capability,
+    Delta,
+    GenerateParams,
+    TokenLogprob,
+    Usage,
+)
 from adapters.logprobs import token_logprob
 from adapters.text import StopBuffer, Utf8Stream
-from server.errors import CapabilityNotSupported, ContextLengthExceeded, InvalidRequestError, ModelLoadError
+from server.errors import (
+    CapabilityNotSupported,
+    ContextLengthExceeded,
+    InvalidRequestError,
+    ModelLoadError,
+)
+from server.hardware import physical_cores
+from server.memory import gguf_footprint
 
-__all__ = ["LlamaCppAdapter", "open_llama", "plain_cpu_buffers"]
+__all__ = ["LlamaCppAdapter", "open_llama", "model_params", "plain_cpu_buffers"]
 
 log = logging.getLogger("omniloader.llama_cpp")
 
@@ -22,20 +35,25 @@ DEFAULT_CONTEXT = 4096
 
 
 @contextmanager
-def plain_cpu_buffers():
-    """Construct Llama models without llama.cpp's extra CPU buffer types (AMX, repacking).
-    A native build on a CPU that advertises AMX compiles AMX kernels in, and on VMs that do not
-    enable the tile state they die with SIGILL on the first multi-token batch; plain CPU buffers
-    work everywhere. llama-cpp-python has no keyword for it, so the default params are patched
-    for the duration of the constructor (loads are serialized by the router)."""
+def model_params(*, extra_buffer_types: bool = False, progress: Callable[[float], None] | None = None):
+    """Adjust the llama.cpp model params that llama-cpp-python's constructor has no keyword for;
+    the default params are patched for the constructor's duration (loads are serialized).
+
+    - extra buffer types (AMX, repacking) are off unless asked for: a native build on a CPU that
+      advertises AMX compiles AMX kernels in, and on VMs that do not enable the tile state they
+      die with SIGILL on the first multi-token batch; plain CPU buffers work everywhere.
+    - progress(fraction) is called while the weights load."""
     import llama_cpp.llama as llama_module
 
     lib = llama_module.llama_cpp
     original = lib.llama_model_default_params
+    callback = None if progress is None else lib.llama_progress_callback(lambda f, _data: progress(f) or True)
 
     def defaults():
         params = original()
-        params.use_extra_bufts = False
+        params.use_extra_bufts = extra_buffer_types
+        if callback is not None:
+            params.progress_callback = callback
         return params
 
     lib.llama_model_default_params = defaults
@@ -45,13 +63,17 @@ def plain_cpu_buffers():
         lib.llama_model_default_params = original
 
 
-def open_llama(model_path: str, *, extra_buffer_types: bool = False, **kwargs):
+def plain_cpu_buffers():
+    """model_params() with its safe defaults (for raw llama_cpp.Llama users: tests, benchmarks)."""
+    return model_params()
+
+
+def open_llama(model_path: str, *, extra_buffer_types: bool = False,
+               progress: Callable[[float], None] | None = None, **kwargs):
     """`llama_cpp.Llama(...)`, safe on every CPU unless extra_buffer_types is asked for."""
     import llama_cpp
 
-    if extra_buffer_types:
-        return llama_cpp.Llama(model_path=model_path, **kwargs)
-    with plain_cpu_buffers():
+    with model_params(extra_buffer_types=extra_buffer_types, progress=progress):
         return llama_cpp.Llama(model_path=model_path, **kwargs)
 
 
@@ -62,7 +84,7 @@ class LlamaCppAdapter(Adapter):
 
     def __init__(self, record, threads: int | None = None) -> None:
         super().__init__(record)
-        self.threads = self.manifest.params.get("threads") or threads or os.cpu_count() or 1
+        self.threads = self.manifest.params.get("threads") or threads or physical_cores()
         self._llm = None
         self._embedder = None
         self._chat_formatter = None
@@ -70,7 +92,7 @@ class LlamaCppAdapter(Adapter):
         self._pieces: dict[int, bytes] = {}
         self._grammars: dict[str, object] = {}
 
-    def load(self) -> None:
+    def load(self, progress: Callable[[float], None] | None = None) -> None:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         path = self.record.source_path()
@@ -81,6 +103,7 @@ class LlamaCppAdapter(Adapter):
             self._llm = open_llama(
                 str(path),
                 extra_buffer_types=bool(params.get("extra_buffer_types", False)),
+                progress=progress,
                 n_ctx=self.manifest.context_length or DEFAULT_CONTEXT,
                 n_threads=self.threads,
                 n_threads_batch=params.get("threads_batch") or self.threads,
@@ -325,6 +348,7 @@ class LlamaCppAdapter(Adapter):
 
     def memory_estimate(self) -> int:
         try:
-            return self.record.source_path().stat().st_size
-        except OSError:
+            return gguf_footprint(self.record.source_path(), self.manifest.context_length or DEFAULT_CONTEXT,
+                                  self.manifest.params.get("n_batch", 512))
+        except OSError:  # missing file: the load says so
             return 0

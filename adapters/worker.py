@@ -35,7 +35,10 @@ class TokenStream:
         self.cancel = threading.Event()
 
     def _send(self, kind: int, value: Any) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, (kind, value))
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening any more
+            self.cancel.set()
 
     def __aiter__(self) -> TokenStream:
         return self
@@ -67,10 +70,13 @@ class ModelWorker:
         self._thread = threading.Thread(target=self._run, name=f"model:{adapter.id}", daemon=True)
         self.pending = 0  # requests queued or running, for status and eviction decisions
 
-    async def start(self) -> None:
-        """Start the thread and load the model on it; raises what load() raised."""
+    async def start(self, progress: Callable[[float], None] | None = None) -> None:
+        """Start the thread and load the model on it; raises what load() raised. `progress` is
+        called on the event loop with the fraction loaded, when the backend reports it."""
         self._thread.start()
-        await self.call(lambda adapter: adapter.load())
+        loop = asyncio.get_running_loop()
+        report = None if progress is None else (lambda f: loop.call_soon_threadsafe(progress, f))
+        await self.call(lambda adapter: adapter.load(report))
 
     async def call(self, fn: Callable[[Adapter], Any]) -> Any:
         """Run fn(adapter) on the model's thread, in turn, and return its result."""
@@ -113,7 +119,8 @@ class ModelWorker:
                 if hasattr(items, "close"):
                     items.close()  # runs the generator's cleanup now, on this thread
                 stream._send(_END, None)
-                stream._loop.call_soon_threadsafe(self._done)
+                if not stream._loop.is_closed():
+                    stream._loop.call_soon_threadsafe(self._done)
         try:
             self.adapter.unload()
         except Exception:

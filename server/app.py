@@ -1,6 +1,7 @@
 """create_app(settings) -> Litestar: the whole server, with no module-level state."""
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -11,11 +12,15 @@ from litestar.di import Provide
 from adapters import create_adapter
 from server.controllers.models import ModelsController
 from server.controllers.openai import OpenAIController
-from server.controllers.ops import health
+from server.controllers.ops import ops_handlers
 from server.controllers.responses import ResponsesController
 from server.errors import exception_handlers
+from server.keep_alive import parse_keep_alive
+from server.memory import parse_size
+from server.metrics import Metrics
+from server.middleware import RequestMetricsMiddleware
 from server.registry import Registry
-from server.router import AdapterFactory, ModelRouter
+from server.router import AdapterFactory, ModelRouter, RouterConfig
 from server.settings import Settings
 
 __all__ = ["create_app"]
@@ -25,30 +30,39 @@ log = logging.getLogger("omniloader")
 
 def create_app(settings: Settings | None = None, *, adapter_factory: AdapterFactory | None = None) -> Litestar:
     settings = settings or Settings()
-    registry = Registry(Path(settings.models_dir), default_model=settings.default_model)
+    registry = Registry(Path(settings.models_dir), default_model=settings.default_model, lab_dir=Path(settings.lab_dir))
     if adapter_factory is None:
         def adapter_factory(record):
             return create_adapter(record, settings)
-    router = ModelRouter(registry, adapter_factory)
+    config = RouterConfig(max_memory=parse_size(settings.max_memory), max_loaded=settings.max_loaded,
+                          max_queue=settings.max_queue, keep_alive=parse_keep_alive(settings.keep_alive))
+    metrics = Metrics()
+    router = ModelRouter(registry, adapter_factory, config, metrics=metrics)
+    background: set[asyncio.Task] = set()
 
     def on_startup() -> None:
         registry.scan()
         Path(settings.lab_dir).mkdir(parents=True, exist_ok=True)
         names = ", ".join(r.id for r in registry.usable())
         bad = [r.manifest_path for r in registry.records() if r.error]
-        log.info("OmniLoader on http://%s:%d/v1 | default: %s | models: %s%s", settings.host, settings.port,
-                 settings.default_model, names, f" | invalid manifests: {', '.join(bad)}" if bad else "")
+        log.info("OmniLoader on http://%s:%d/v1 | default: %s | models: %s%s | memory budget %d MiB",
+                 settings.host, settings.port, settings.default_model, names,
+                 f" | invalid manifests: {', '.join(bad)}" if bad else "", config.max_memory >> 20)
+        background.add(asyncio.get_running_loop().create_task(router.reaper()))
 
     async def on_shutdown() -> None:
+        for task in background:
+            task.cancel()
         await router.close()
 
     return Litestar(
-        route_handlers=[OpenAIController, ResponsesController, ModelsController, health],
+        route_handlers=[OpenAIController, ResponsesController, ModelsController, *ops_handlers],
         dependencies={"router": Provide(lambda: router, use_cache=True, sync_to_thread=False)},
         exception_handlers=exception_handlers,
         on_startup=[on_startup],
         on_shutdown=[on_shutdown],
-        state=State({"settings": settings, "router": router}),
+        state=State({"settings": settings, "router": router, "metrics": metrics}),
+        middleware=[RequestMetricsMiddleware(metrics)],
         logging_config=None,
         openapi_config=None,
     )

@@ -19,6 +19,9 @@ __all__ = [
     "AuthenticationError",
     "ModelLoadError",
     "ModelHashMismatch",
+    "InsufficientMemory",
+    "QueueFull",
+    "ClientGone",
     "decode_body",
     "error_response",
     "exception_handlers",
@@ -33,6 +36,7 @@ class OpenAIError(Exception):
     status_code = 500
     type = "server_error"
     code: str | None = None
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -95,6 +99,30 @@ class ModelHashMismatch(OpenAIError):
         self.actual = actual
 
 
+class InsufficientMemory(OpenAIError):
+    status_code = 507
+    type = "server_error"
+    code = "insufficient_memory"
+
+
+class QueueFull(OpenAIError):
+    """Too many requests waiting for one model: 503 with Retry-After, as a load balancer expects."""
+
+    status_code = 503
+    type = "server_error"
+    code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class ClientGone(OpenAIError):
+    status_code = 499  # nginx's "client closed request": nobody reads it, but the logs say why
+    type = "invalid_request_error"
+    code = "client_closed_request"
+
+
 _MSGSPEC_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 
 
@@ -120,7 +148,7 @@ def error_response(status: int, message: str, type_: str, code: str | None, para
 
 
 def _openai_error(_: Request, exc: OpenAIError) -> Response:
-    return Response(exc.body(), status_code=exc.status_code)
+    return Response(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
 
 def _http_error(_: Request, exc: HTTPException) -> Response:

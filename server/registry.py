@@ -52,6 +52,8 @@ class Manifest(msgspec.Struct, kw_only=True):
     params: dict[str, Any] = {}  # backend load options (threads, gpu layers, ...)
     defaults: dict[str, Any] = {}  # sampling defaults applied when a request leaves a field out
     description: str = ""
+    parallel: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1  # requests served at once (a worker each)
+    keep_alive: str | float | None = None  # idle time before unloading ("5m", seconds, -1 = forever)
 
 
 class ModelRecord(msgspec.Struct, kw_only=True):

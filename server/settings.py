@@ -21,6 +21,10 @@ class Settings(msgspec.Struct, kw_only=True):
     api_key: str | None = None
     default_model: str = "smollm2-135m-instruct"
     log_level: str = "info"
+    max_memory: str | None = None  # "12G", "800M" or bytes; None = a safe share of this machine's RAM
+    max_loaded: int = 8
+    max_queue: int = 32
+    keep_alive: str = "5m"
 
 
 def load_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:

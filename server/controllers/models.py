@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import asyncio
 
-from litestar import Controller, Request, get, post
+from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery
+from litestar.response import Stream
 
 from server.controllers.auth import require_api_key
+from server.controllers.leases import leased
 from server.errors import InvalidRequestError, decode_body
 from server.protocol.models import ModelInfo, ModelInfoList, ModelState
 from server.protocol.tokens import (
@@ -19,6 +21,8 @@ from server.protocol.tokens import (
 )
 from server.registry import ROLE_PREFIX, ModelRecord, SelectionResult
 from server.router import ModelRouter
+from server.serving.load_progress import load_events
+from server.serving.sse import SSE_HEADERS
 
 __all__ = ["ModelsController", "model_info"]
 
@@ -64,10 +68,14 @@ class ModelsController(Controller):
         return model_info(record, router)
 
     @post("/{model_id:str}/load", status_code=200)
-    async def load(self, model_id: FromPath[str], router: NamedDependency[ModelRouter]) -> ModelState:
+    async def load(self, model_id: FromPath[str], router: NamedDependency[ModelRouter],
+                   stream: FromQuery[bool] = False) -> Response:
+        """Load now; with ?stream=true, SSE progress events while it loads."""
         record = router.registry.resolve(model_id)
+        if stream:
+            return Stream(load_events(router, record.id), media_type="text/event-stream", headers=SSE_HEADERS)
         await router.load(record.id)
-        return ModelState(id=record.id, state=router.state(record.id))
+        return Response(ModelState(id=record.id, state=router.state(record.id)))
 
     @post("/{model_id:str}/unload", status_code=200)
     async def unload(self, model_id: FromPath[str], router: NamedDependency[ModelRouter]) -> ModelState:
@@ -79,20 +87,19 @@ class ModelsController(Controller):
     async def tokenize(self, model_id: FromPath[str], request: Request,
                        router: NamedDependency[ModelRouter]) -> TokenizeResponse:
         req: TokenizeRequest = decode_body(await request.body(), TokenizeRequest)
-        worker = await router.acquire(model_id)
-
         def run(adapter):
             ids = adapter.tokenize(req.text, special=req.special)
             pieces = [TokenPiece(i, adapter.detokenize([i])) for i in ids] if req.with_pieces else None
             return ids, pieces
 
-        ids, pieces = await worker.call(run)
-        return TokenizeResponse(model=worker.adapter.id, tokens=ids, count=len(ids), pieces=pieces)
+        async with leased(router, request, model_id) as lease:
+            ids, pieces = await lease.call(run)
+        return TokenizeResponse(model=lease.model_id, tokens=ids, count=len(ids), pieces=pieces)
 
     @post("/{model_id:str}/detokenize", status_code=200)
     async def detokenize(self, model_id: FromPath[str], request: Request,
                          router: NamedDependency[ModelRouter]) -> DetokenizeResponse:
         req: DetokenizeRequest = decode_body(await request.body(), DetokenizeRequest)
-        worker = await router.acquire(model_id)
-        text = await worker.call(lambda adapter: adapter.detokenize(req.tokens))
-        return DetokenizeResponse(model=worker.adapter.id, text=text)
+        async with leased(router, request, model_id) as lease:
+            text = await lease.call(lambda adapter: adapter.detokenize(req.tokens))
+        return DetokenizeResponse(model=lease.model_id, text=text)

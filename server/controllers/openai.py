@@ -8,6 +8,7 @@ from litestar.response import Stream
 
 from adapters.base import Adapter, Capability, GenerateParams
 from server.controllers.auth import require_api_key
+from server.controllers.leases import acquire, leased, released_after
 from server.errors import CapabilityNotSupported, decode_body
 from server.protocol.chat import ChatCompletionRequest
 from server.protocol.completions import CompletionRequest
@@ -17,7 +18,12 @@ from server.router import ModelRouter
 from server.serving.chat import chat_completion, chat_events
 from server.serving.completions import CompletionJob, completion_events, text_completion
 from server.serving.embeddings import embed
-from server.serving.generation import Generation, chat_params, chat_tool_mode, completion_params
+from server.serving.generation import (
+    Generation,
+    chat_params,
+    chat_tool_mode,
+    completion_params,
+)
 from server.serving.sse import SSE_HEADERS
 
 __all__ = ["OpenAIController", "require_capability", "samples"]
@@ -58,42 +64,57 @@ class OpenAIController(Controller):
         req: ChatCompletionRequest = decode_body(await request.body(), ChatCompletionRequest)
         mode = chat_tool_mode(req)
         params = chat_params(req, {}, mode)  # validates before any model is loaded
-        worker = await router.acquire(req.model)
-        adapter = worker.adapter
-        require_capability(adapter, Capability.CHAT, "messages")
-        if mode.kind != "none":
-            require_capability(adapter, Capability.TOOLS, "tools")
-        if params.json_schema is not None:
-            require_capability(adapter, Capability.JSON_SCHEMA, "response_format")
-        if params.logprobs:
-            require_capability(adapter, Capability.LOGPROBS, "logprobs")
-        params = chat_params(req, adapter.manifest.defaults, mode)
-        gens = [Generation(worker, p, "chat") for p in samples(params, req.n)]
-        await gens[0].start()  # errors before the first token become a real HTTP status
+        lease = await acquire(router, request, req.model, req.keep_alive)
+        try:
+            adapter = lease.adapter
+            require_capability(adapter, Capability.CHAT, "messages")
+            if mode.kind != "none":
+                require_capability(adapter, Capability.TOOLS, "tools")
+            if params.json_schema is not None:
+                require_capability(adapter, Capability.JSON_SCHEMA, "response_format")
+            if params.logprobs:
+                require_capability(adapter, Capability.LOGPROBS, "logprobs")
+            params = chat_params(req, adapter.manifest.defaults, mode)
+            gens = [Generation(lease, p, "chat") for p in samples(params, req.n)]
+            await gens[0].start()  # errors before the first token become a real HTTP status
+        except BaseException:
+            lease.release()
+            raise
         if req.stream:
-            return _sse(chat_events(gens, adapter.id, mode, _include_usage(req), params.logprobs))
-        return Response(await chat_completion(gens, adapter.id, mode, params.logprobs))
+            return _sse(released_after(lease, chat_events(gens, adapter.id, mode, _include_usage(req),
+                                                          params.logprobs)))
+        try:
+            return Response(await chat_completion(gens, adapter.id, mode, params.logprobs))
+        finally:
+            lease.release()
 
     @post("/completions", status_code=200)
     async def completions(self, request: Request, router: NamedDependency[ModelRouter]) -> Response:
         req: CompletionRequest = decode_body(await request.body(), CompletionRequest)
-        worker = await router.acquire(req.model)
-        adapter = worker.adapter
-        require_capability(adapter, Capability.COMPLETION, "prompt")
-        if req.logprobs is not None:
-            require_capability(adapter, Capability.LOGPROBS, "logprobs")
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        defaults = adapter.manifest.defaults
-        jobs = [CompletionJob(Generation(worker, p, "completion"), prompt, req.echo, req.logprobs)
-                for prompt in prompts for p in samples(completion_params(req, prompt, defaults), req.n)]
-        await jobs[0].begin()
+        lease = await acquire(router, request, req.model, req.keep_alive)
+        try:
+            adapter = lease.adapter
+            require_capability(adapter, Capability.COMPLETION, "prompt")
+            if req.logprobs is not None:
+                require_capability(adapter, Capability.LOGPROBS, "logprobs")
+            prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+            defaults = adapter.manifest.defaults
+            jobs = [CompletionJob(Generation(lease, p, "completion"), prompt, req.echo, req.logprobs)
+                    for prompt in prompts for p in samples(completion_params(req, prompt, defaults), req.n)]
+            await jobs[0].begin()
+        except BaseException:
+            lease.release()
+            raise
         if req.stream:
-            return _sse(completion_events(jobs, adapter.id, _include_usage(req)))
-        return Response(await text_completion(jobs, adapter.id))
+            return _sse(released_after(lease, completion_events(jobs, adapter.id, _include_usage(req))))
+        try:
+            return Response(await text_completion(jobs, adapter.id))
+        finally:
+            lease.release()
 
     @post("/embeddings", status_code=200)
     async def embeddings(self, request: Request, router: NamedDependency[ModelRouter]) -> EmbeddingList:
         req: EmbeddingRequest = decode_body(await request.body(), EmbeddingRequest)
-        worker = await router.acquire(req.model)
-        require_capability(worker.adapter, Capability.EMBEDDINGS, "model")
-        return await embed(worker, req)
+        async with leased(router, request, req.model, req.keep_alive) as lease:
+            require_capability(lease.adapter, Capability.EMBEDDINGS, "model")
+            return await embed(lease, req)

@@ -1,13 +1,25 @@
-"""Operational endpoints: health."""
+"""Operational endpoints: health, readiness, resident models, system facts, Prometheus metrics."""
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+import os
+import platform
+import time
+
 import msgspec
-from litestar import get
+from litestar import MediaType, Response, get
 from litestar.di import NamedDependency
 
+from server.controllers.auth import require_api_key
+from server.errors import OpenAIError
+from server.hardware import accelerators, physical_cores
+from server.keep_alive import FOREVER
+from server.memory import total_ram
+from server.metrics import CONTENT_TYPE
 from server.router import ModelRouter
 
-__all__ = ["health"]
+__all__ = ["ops_handlers"]
 
 
 class Health(msgspec.Struct):
@@ -15,6 +27,82 @@ class Health(msgspec.Struct):
     models: list[str]
 
 
+class RunningModel(msgspec.Struct):
+    id: str
+    backend: str
+    memory_bytes: int
+    estimated_bytes: int
+    measured_bytes: int
+    active: int
+    queued: int
+    parallel: int
+    keep_alive: float | None  # seconds; null = forever
+    expires_at: str | None  # ISO time the idle model unloads; null while busy or kept forever
+
+
+class RunningModels(msgspec.Struct):
+    models: list[RunningModel]
+    memory_budget_bytes: int
+    memory_used_bytes: int
+
+
+class SystemInfo(msgspec.Struct):
+    platform: str
+    python: str
+    cpu_count: int
+    physical_cores: int
+    ram_bytes: int
+    memory_budget_bytes: int
+    accelerators: list[str]
+    default_threads: int
+
+
 @get("/health")
 async def health(router: NamedDependency[ModelRouter]) -> Health:
     return Health(status="ok", models=router.resident())
+
+
+@get("/health/ready")
+async def ready(router: NamedDependency[ModelRouter]) -> Response:
+    """503 until the default model can be loaded (its files are there), 200 after."""
+    try:
+        record = router.registry.resolve("default")
+        loadable = record.id in router.resident() or record.source_path().is_file()
+    except OpenAIError:  # unknown default, or its package is not installed
+        loadable = False
+    return Response(Health(status="ready" if loadable else "not_ready", models=router.resident()),
+                    status_code=200 if loadable else 503)
+
+
+def _expires(router: ModelRouter, expires_at: float | None) -> str | None:
+    if expires_at is None:
+        return None
+    wall = time.time() + (expires_at - router.now())
+    return dt.datetime.fromtimestamp(wall, dt.timezone.utc).isoformat()
+
+
+@get("/api/ps", guards=[require_api_key])
+async def running_models(router: NamedDependency[ModelRouter]) -> RunningModels:
+    models = [RunningModel(id=r.record.id, backend=r.record.manifest.backend, memory_bytes=r.memory,
+                           estimated_bytes=r.estimate, measured_bytes=r.measured, active=r.active, queued=r.waiting,
+                           parallel=len(r.workers), keep_alive=None if r.keep_alive == FOREVER else r.keep_alive,
+                           expires_at=_expires(router, r.expires_at))
+              for r in router.residents()]
+    return RunningModels(models, router.config.max_memory, router.used_memory())
+
+
+@get("/api/system", guards=[require_api_key])
+async def system(router: NamedDependency[ModelRouter]) -> SystemInfo:
+    found = await asyncio.to_thread(accelerators)
+    return SystemInfo(platform=platform.platform(), python=platform.python_version(), cpu_count=os.cpu_count() or 1,
+                      physical_cores=physical_cores(), ram_bytes=total_ram(),
+                      memory_budget_bytes=router.config.max_memory, accelerators=list(found),
+                      default_threads=physical_cores())
+
+
+@get("/metrics", media_type=MediaType.TEXT)
+async def metrics(router: NamedDependency[ModelRouter]) -> Response:
+    return Response(router.metrics.render(), media_type=CONTENT_TYPE)
+
+
+ops_handlers = [health, ready, running_models, system, metrics]

@@ -121,6 +121,7 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     repeat_penalty: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
     ignore_eos: bool = False
     user: str | None = None
+    keep_alive: str | float | None = None  # Ollama's: how long the model stays loaded after this request
 
 
 class TopLogprobEntry(msgspec.Struct):

@@ -5,7 +5,16 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from server.protocol.common import LogitBias, MaxTokens, Penalty, Stop, StreamOptions, Temperature, TopP, Usage
+from server.protocol.common import (
+    LogitBias,
+    MaxTokens,
+    Penalty,
+    Stop,
+    StreamOptions,
+    Temperature,
+    TopP,
+    Usage,
+)
 
 __all__ = ["CompletionRequest", "CompletionLogprobs", "CompletionChoice", "Completion"]
 
@@ -32,6 +41,7 @@ class CompletionRequest(msgspec.Struct, kw_only=True):
     repeat_penalty: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
     ignore_eos: bool = False
     user: str | None = None
+    keep_alive: str | float | None = None  # Ollama's: how long the model stays loaded after this request
 
 
 class CompletionLogprobs(msgspec.Struct):

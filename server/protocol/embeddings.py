@@ -17,6 +17,7 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
     user: str | None = None
+    keep_alive: str | float | None = None  # Ollama's: how long the model stays loaded after this request
 
 
 class Embedding(msgspec.Struct):

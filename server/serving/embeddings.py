@@ -5,9 +5,14 @@ import base64
 
 import numpy as np
 
-from adapters.worker import ModelWorker
 from server.errors import InvalidRequestError
-from server.protocol.embeddings import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
+from server.protocol.embeddings import (
+    Embedding,
+    EmbeddingList,
+    EmbeddingRequest,
+    EmbeddingUsage,
+)
+from server.router import Lease
 
 __all__ = ["embed"]
 
@@ -33,7 +38,7 @@ def _encode(vector: np.ndarray, fmt: str) -> list[float] | str:
     return vector.tolist()
 
 
-async def embed(worker: ModelWorker, req: EmbeddingRequest) -> EmbeddingList:
+async def embed(worker: Lease, req: EmbeddingRequest) -> EmbeddingList:
     texts, token_arrays = _texts(req)
     if any(not text for text in texts):
         raise InvalidRequestError("`input` must not contain empty strings.", param="input")

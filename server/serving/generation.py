@@ -9,11 +9,18 @@ from typing import Any
 import jsonschema
 
 from adapters.base import Delta, GenerateParams
-from adapters.worker import ModelWorker, TokenStream
+from adapters.worker import TokenStream
 from server.errors import InvalidRequestError
 from server.protocol.chat import ChatCompletionRequest
 from server.protocol.completions import CompletionRequest
-from server.serving.tools import ToolMode, forced_call_schema, replay_tool_calls, tool_mode, tool_system_prompt
+from server.router import Lease
+from server.serving.tools import (
+    ToolMode,
+    forced_call_schema,
+    replay_tool_calls,
+    tool_mode,
+    tool_system_prompt,
+)
 
 __all__ = ["chat_params", "chat_tool_mode", "completion_params", "check_schema", "Generation"]
 
@@ -112,7 +119,7 @@ class Generation:
     """One generation in flight: start() waits for the first delta, so anything that fails
     before the first token (context too long, bad template) fails before any byte is sent."""
 
-    worker: ModelWorker
+    worker: Lease  # the request's hold on a model worker
     params: GenerateParams
     endpoint: str
     stream: TokenStream | None = None
@@ -149,7 +156,9 @@ class Generation:
 
     def _log(self, last: Delta) -> None:
         usage = last.usage
+        ttft, total = (self.first_token_at or self.started_at) - self.started_at, time.perf_counter() - self.started_at
+        if usage is not None:
+            self.worker.observe_generation(usage.prompt_tokens, usage.completion_tokens, ttft, total)
         log.info("%s model=%s prompt_tokens=%s completion_tokens=%s ttft=%.3fs total=%.3fs finish=%s",
                  self.endpoint, self.worker.adapter.id, usage and usage.prompt_tokens,
-                 usage and usage.completion_tokens, (self.first_token_at or 0) - self.started_at,
-                 time.perf_counter() - self.started_at, last.finish_reason)
+                 usage and usage.completion_tokens, ttft, total, last.finish_reason)

@@ -12,7 +12,7 @@ class BrokenAdapter(Adapter):
     backend = "fake"
     capabilities = frozenset({"chat"})
 
-    def load(self):
+    def load(self, progress=None):
         pass
 
     def generate(self, params, cancel):

@@ -1,4 +1,5 @@
-"""Router and worker logic with a fake adapter (the real engine is covered in tests/api)."""
+"""Router and worker logic with an injected clock, a fake memory probe and fake adapters (the
+real engine is covered in tests/api)."""
 import asyncio
 import threading
 import time
@@ -6,28 +7,32 @@ import time
 import pytest
 
 from adapters.base import Adapter, Delta, GenerateParams, Usage
-from server.errors import ModelLoadError, ModelNotFound
+from server.errors import ClientGone, InsufficientMemory, ModelLoadError, ModelNotFound, QueueFull
 from server.registry import Registry
-from server.router import ModelRouter
+from server.router import ModelRouter, RouterConfig
+
+MiB = 1 << 20
 
 
 class FakeAdapter(Adapter):
     backend = "fake"
 
-    def __init__(self, record, log, fail_loads=0):
+    def __init__(self, record, log, size, fail=False):
         super().__init__(record)
-        self.log, self.fail_loads = log, fail_loads
-        self.loaded = False
+        self.log, self.size, self.fail = log, size, fail
 
-    def load(self):
+    def load(self, progress=None):
         self.log.append(("load", self.id, threading.current_thread().name))
-        if self.fail_loads:
+        if progress:
+            progress(0.5)
+        if self.fail:
             raise RuntimeError("corrupt weights")
-        self.loaded = True
 
     def unload(self):
         self.log.append(("unload", self.id))
-        self.loaded = False
+
+    def memory_estimate(self):
+        return self.size
 
     def generate(self, params, cancel):
         tag = params.prompt
@@ -41,94 +46,266 @@ class FakeAdapter(Adapter):
         yield Delta(finish_reason="length", usage=Usage(1, params.max_tokens))
 
 
-def make_router(tmp_path, log, fail_loads=0):
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def make_router(tmp_path, log, *, sizes=None, fail=(), budget=1000 * MiB, max_loaded=8, max_queue=4,
+                keep_alive=300.0, parallel=None):
+    """Models a, b, c (+ the built-in default) with the given sizes in MiB."""
+    sizes = sizes or {"a": 100, "b": 100, "c": 100}
+    for name in sizes:
+        extra = f"parallel: {parallel[name]}\n" if parallel and name in parallel else ""
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "manifest.yaml").write_text(f"id: {name}\nbackend: llama_cpp\nsource: x.gguf\n{extra}")
     reg = Registry(tmp_path)
     reg.scan()
-    failures = {"n": fail_loads}
+    failures = set(fail)
 
     def factory(record):
-        adapter = FakeAdapter(record, log, fail_loads=failures["n"])
-        failures["n"] = max(0, failures["n"] - 1)
-        return adapter
+        broken = record.id in failures
+        failures.discard(record.id)
+        return FakeAdapter(record, log, sizes.get(record.id, 100) * MiB, fail=broken)
 
-    return ModelRouter(reg, factory)
+    clock = Clock()
+    config = RouterConfig(max_memory=budget, max_loaded=max_loaded, max_queue=max_queue, keep_alive=keep_alive)
+    return ModelRouter(reg, factory, config, clock=clock, memory_probe=lambda: 0), clock
 
 
-async def collect(worker, tag, n=5):
+async def run(lease, tag, n=5):
     params = GenerateParams(prompt=tag, max_tokens=n)
-    return [d async for d in worker.stream(lambda a, cancel: a.generate(params, cancel))]
+    try:
+        return [d async for d in lease.stream(lambda a, cancel: a.generate(params, cancel))]
+    finally:
+        lease.release()
 
 
 def test_requests_to_one_model_run_fifo_without_interleaving(tmp_path):
     log = []
 
     async def main():
-        router = make_router(tmp_path, log)
-        worker = await router.acquire("default")
-        results = await asyncio.gather(*(collect(worker, t) for t in "abcd"))
+        router, _ = make_router(tmp_path, log)
+        leases = [await router.acquire("a")]
+        waiting = [asyncio.ensure_future(router.acquire("a")) for _ in range(3)]
+        results = [await run(leases[0], "a")]
+        for tag, task in zip("bcd", waiting):
+            results.append(await run(await task, tag))
         await router.close()
         return results
 
     results = asyncio.run(main())
     events = [e for e in log if e[0] in ("start", "end")]
     assert events == [(k, t) for t in "abcd" for k in ("start", "end")]
-    assert [r[-1].finish_reason for r in results] == ["length"] * 4
     assert "".join(d.text for d in results[1]) == "b0 b1 b2 b3 b4 "
 
 
-def test_concurrent_first_requests_load_the_model_once_on_its_own_thread(tmp_path):
+def test_concurrent_first_requests_load_once_on_the_models_own_thread(tmp_path):
     log = []
 
     async def main():
-        router = make_router(tmp_path, log)
-        workers = await asyncio.gather(*(router.acquire(n) for n in ("default", "smollm2", "smollm2-135m-instruct")))
-        assert len({id(w) for w in workers}) == 1
+        router, _ = make_router(tmp_path, log)
+        names = ("default", "smollm2", "smollm2-135m-instruct")  # id and aliases of one model
+        leases = await asyncio.wait_for(asyncio.gather(*(_later(router, n) for n in names)), 5)
+        assert len({id(lease.worker) for lease in leases}) == 1
         assert router.state("smollm2-135m-instruct") == "loaded"
-        assert router.resident() == ["smollm2-135m-instruct"]
         await router.close()
+
+    async def _later(router, name):
+        lease = await router.acquire(name)
+        lease.release()
+        return lease
 
     asyncio.run(main())
     loads = [e for e in log if e[0] == "load"]
     assert len(loads) == 1 and loads[0][2].startswith("model:")
 
 
-def test_failed_load_reports_and_the_next_request_retries(tmp_path):
+def test_lru_idle_model_is_evicted_to_fit_the_budget(tmp_path):
     log = []
 
     async def main():
-        router = make_router(tmp_path, log, fail_loads=1)
-        with pytest.raises(ModelLoadError, match="corrupt weights"):
-            await router.acquire("default")
-        assert router.state("smollm2-135m-instruct") == "failed"
-        assert "corrupt" in router.load_error("smollm2-135m-instruct")
-        worker = await router.acquire("default")
-        assert router.state("smollm2-135m-instruct") == "loaded" and router.load_error("smollm2-135m-instruct") is None
-        assert (await collect(worker, "x", 2))[-1].usage.completion_tokens == 2
+        router, clock = make_router(tmp_path, log, budget=250 * MiB)
+        for name in ("a", "b"):
+            (await router.acquire(name)).release()
+            clock.now += 10
+        (await router.acquire("a")).release()  # a is now the most recently used
+        clock.now += 10
+        (await router.acquire("c")).release()  # needs room: b goes
+        assert sorted(router.resident()) == ["a", "c"]
+        assert router.used_memory() == 200 * MiB
+        await router.close()
+
+    asyncio.run(main())
+    assert [e for e in log if e[0] == "unload"][0] == ("unload", "b")  # before close() unloads the rest
+
+
+def test_shorter_keep_alive_is_evicted_before_older_but_longer(tmp_path):
+    log = []
+
+    async def main():
+        router, clock = make_router(tmp_path, log, budget=250 * MiB)
+        (await router.acquire("a", keep_alive="1h")).release()
+        clock.now += 10
+        (await router.acquire("b", keep_alive="30s")).release()
+        (await router.acquire("c")).release()
+        assert sorted(router.resident()) == ["a", "c"]
         await router.close()
 
     asyncio.run(main())
 
 
-def test_unknown_model_is_404_and_unload_frees_after_queued_work(tmp_path):
+def test_a_busy_model_is_never_evicted_mid_request(tmp_path):
     log = []
 
     async def main():
-        router = make_router(tmp_path, log)
+        router, clock = make_router(tmp_path, log, budget=250 * MiB, max_loaded=2)
+        busy = await router.acquire("a")
+        (await router.acquire("b")).release()
+        # c needs room: b is idle and goes, a keeps serving.
+        (await router.acquire("c")).release()
+        assert sorted(router.resident()) == ["a", "c"]
+        # d needs room again; c is idle and goes.
+        (await router.acquire("b")).release()
+        assert "a" in router.resident()
+        # Only a busy model left to evict: the load waits until its request ends.
+        (await router.acquire("c")).release()  # evicts idle b first
+        loading = asyncio.ensure_future(router.acquire("b"))  # must wait: a busy, c idle -> evicts c
+        lease = await asyncio.wait_for(loading, 2)
+        lease.release()
+        assert "a" in router.resident() and busy.resident.active == 1
+        await router.close()
+
+    asyncio.run(main())
+
+
+def test_marked_busy_model_unloads_when_its_last_request_ends(tmp_path):
+    log = []
+
+    async def main():
+        router, _ = make_router(tmp_path, log, budget=150 * MiB)
+        busy = await router.acquire("a")
+        loading = asyncio.ensure_future(router.acquire("b"))
+        await asyncio.sleep(0.05)
+        assert not loading.done() and router.resident() == ["a"]  # a is serving: not cut off
+        assert ("unload", "a") not in log
+        busy.release()
+        lease = await asyncio.wait_for(loading, 2)
+        assert router.resident() == ["b"]
+        lease.release()
+        await router.close()
+
+    asyncio.run(main())
+    assert log.index(("unload", "a")) < [i for i, e in enumerate(log) if e[:2] == ("load", "b")][0]
+
+
+def test_keep_alive_expiry_zero_and_forever(tmp_path):
+    log = []
+
+    async def main():
+        router, clock = make_router(tmp_path, log, keep_alive=300)
+        (await router.acquire("a")).release()
+        (await router.acquire("b", keep_alive=0)).release()
+        (await router.acquire("c", keep_alive=-1)).release()
+        assert sorted(router.resident()) == ["a", "c"]  # keep_alive 0: unloaded after the request
+        clock.now += 299
+        assert router.reap() == []
+        clock.now += 2
+        assert router.reap() == ["a"]
+        clock.now += 10 ** 6
+        assert router.reap() == [] and router.resident() == ["c"]  # -1: forever
+        await router.close()
+
+    asyncio.run(main())
+
+
+def test_queue_overflow_is_a_503_with_retry_after(tmp_path):
+    log = []
+
+    async def main():
+        router, _ = make_router(tmp_path, log, max_queue=2)
+        held = await router.acquire("a")
+        waiters = [asyncio.ensure_future(router.acquire("a")) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull) as info:
+            await router.acquire("a")
+        assert info.value.status_code == 503 and int(info.value.headers["Retry-After"]) >= 1
+        held.release()
+        for task in waiters:
+            (await task).release()
+        await router.close()
+
+    asyncio.run(main())
+
+
+def test_a_client_that_disconnects_while_queued_leaves_the_queue(tmp_path):
+    log = []
+
+    async def main():
+        router, _ = make_router(tmp_path, log)
+        held = await router.acquire("a")
+        gone = asyncio.Event()
+        waiting = asyncio.ensure_future(router.acquire("a", disconnected=gone.wait))
+        await asyncio.sleep(0.01)
+        assert held.resident.waiting == 1
+        gone.set()
+        with pytest.raises(ClientGone):
+            await waiting
+        assert held.resident.waiting == 0
+        held.release()
+        (await asyncio.wait_for(router.acquire("a"), 1)).release()  # the slot was not lost
+        await router.close()
+
+    asyncio.run(main())
+
+
+def test_failed_load_is_isolated_and_retried(tmp_path):
+    log = []
+
+    async def main():
+        router, _ = make_router(tmp_path, log, fail={"a"})
+        (await router.acquire("b")).release()
+        with pytest.raises(ModelLoadError, match="corrupt weights"):
+            await router.acquire("a")
+        assert router.state("a") == "failed" and "corrupt" in router.load_error("a")
+        assert router.resident() == ["b"]  # the other model keeps serving
+        lease = await router.acquire("a")  # the next request retries the load
+        assert router.state("a") == "loaded" and router.load_error("a") is None
+        assert (await run(lease, "x", 2))[-1].usage.completion_tokens == 2
         with pytest.raises(ModelNotFound):
             await router.acquire("nope")
-        worker = await router.acquire("default")
-        pending = asyncio.create_task(collect(worker, "q", 20))
-        await asyncio.sleep(0.005)
-        assert await router.unload("smollm2-135m-instruct") is True
-        assert router.state("smollm2-135m-instruct") == "unloaded"
-        result = await pending  # the queued request still completes
-        assert result[-1].usage.completion_tokens == 20
-        for _ in range(100):
-            if ("unload", "smollm2-135m-instruct") in log:
-                break
-            await asyncio.sleep(0.01)
-        assert ("unload", "smollm2-135m-instruct") in log
-        assert await router.unload("smollm2-135m-instruct") is False
+        await router.close()
+
+    asyncio.run(main())
+
+
+def test_a_model_bigger_than_the_budget_is_refused_without_evicting_anything(tmp_path):
+    log = []
+
+    async def main():
+        router, _ = make_router(tmp_path, log, sizes={"a": 100, "big": 5000}, budget=1000 * MiB)
+        (await router.acquire("a")).release()
+        with pytest.raises(InsufficientMemory):
+            await router.acquire("big")
+        assert router.resident() == ["a"]
+        await router.close()
+
+    asyncio.run(main())
+
+
+def test_parallel_slots_serve_requests_at_once_and_count_toward_memory(tmp_path):
+    log = []
+
+    async def main():
+        router, _ = make_router(tmp_path, log, parallel={"a": 2})
+        one, two = await router.acquire("a"), await asyncio.wait_for(router.acquire("a"), 1)
+        assert one.worker is not two.worker
+        assert router.used_memory() == 200 * MiB
+        one.release(), two.release()
+        await router.close()
 
     asyncio.run(main())
 
@@ -137,17 +314,16 @@ def test_closing_a_stream_cancels_generation_and_skips_queued_jobs(tmp_path):
     log = []
 
     async def main():
-        router = make_router(tmp_path, log)
-        worker = await router.acquire("default")
+        router, _ = make_router(tmp_path, log)
+        lease = await router.acquire("a")
         params = GenerateParams(prompt="long", max_tokens=10_000)
-        long_stream = worker.stream(lambda a, c: a.generate(params, c))
-        queued = worker.stream(lambda a, c: a.generate(GenerateParams(prompt="gone", max_tokens=3), c))
+        long_stream = lease.stream(lambda a, c: a.generate(params, c))
+        queued = lease.stream(lambda a, c: a.generate(GenerateParams(prompt="gone", max_tokens=3), c))
         queued.close()
-        first = await anext(long_stream)
-        assert first.text == "long0 "
+        assert (await anext(long_stream)).text == "long0 "
         long_stream.close()
         started = time.perf_counter()
-        assert (await collect(worker, "next", 2))[-1].finish_reason == "length"
+        assert (await run(lease, "next", 2))[-1].finish_reason == "length"
         assert time.perf_counter() - started < 2.0
         await router.close()
 

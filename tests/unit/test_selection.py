@@ -27,7 +27,7 @@ def curated(models: Path, model_id: str, *, roles=("chat",), caps=("chat",), sou
 @pytest.fixture
 def models(tmp_path):
     models = tmp_path / "models"
-    curated(models, "zeta-chat", caps=("chat", "tools"))
+    curated(models, "zeta-chat", caps=("chat", "tools", "vision"))
     curated(models, "alpha-chat", caps=("chat",))
     curated(models, "embedder", roles=("embed",), caps=("embeddings",))
     write(models / "aaa-loose.gguf", "x")  # discovered: role chat, the llama.cpp capability set
@@ -60,26 +60,28 @@ def test_role_then_prefers_curated_over_builtin_over_discovered_then_id_order(mo
 
 def test_required_capabilities_skip_candidates_and_say_why(models):
     reg = registry(models)
-    chosen = reg.select("role:chat", ["tools"])
+    chosen = reg.select("role:chat", ["vision"])
     assert chosen.record.id == "zeta-chat"
     assert [(r.id, r.reason) for r in chosen.rejected] == [
-        ("smollm2-135m-instruct", "lacks tools (capabilities: chat, completion)"),
-        ("alpha-chat", "lacks tools (capabilities: chat)")]
-    assert "has tools" in chosen.reason and "2 candidate(s) passed over" in chosen.reason
-    # comma-separated and repeated requirements combine; only the discovered GGUF has all three
-    both = reg.select("role:chat", ["tools,json_schema", "logprobs", " tools"])
-    assert both.record.id == "aaa-loose" and len(both.rejected) == 3
-    assert both.reason.endswith("has tools, json_schema, logprobs; 3 candidate(s) passed over")
+        ("smollm2-135m-instruct",
+         "lacks vision (capabilities: chat, completion, tools, json_schema, logprobs, embeddings)"),
+        ("alpha-chat", "lacks vision (capabilities: chat)")]
+    assert "has vision" in chosen.reason and "2 candidate(s) passed over" in chosen.reason
+    # comma-separated and repeated requirements combine; the default has tools but not vision
+    both = reg.select("role:chat", ["tools,vision", " tools"])
+    assert both.record.id == "zeta-chat" and len(both.rejected) == 2
+    assert both.reason.endswith("has tools, vision; 2 candidate(s) passed over")
+    assert reg.select("role:chat", ["tools", "json_schema"]).record.id == "smollm2-135m-instruct"
 
 
 def test_nothing_qualifies_is_a_404_listing_every_rejection(models):
     reg = registry(models)
     with pytest.raises(NoModelQualifies) as info:
-        reg.select("role:chat", ["vision"])
+        reg.select("role:chat", ["audio"])
     exc = info.value
     assert isinstance(exc, ModelNotFound) and exc.status_code == 404 and exc.code == "model_not_found"
     assert {r.id for r in exc.rejected} == {"smollm2-135m-instruct", "alpha-chat", "zeta-chat", "aaa-loose"}
-    assert "role:chat with vision" in exc.message and "`alpha-chat` lacks vision" in exc.message
+    assert "role:chat with audio" in exc.message and "`alpha-chat` lacks audio" in exc.message
     with pytest.raises(NoModelQualifies, match="no model has role `rerank`"):
         reg.resolve("role:rerank")
 

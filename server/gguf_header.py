@@ -1,0 +1,56 @@
+"""Reads a GGUF file's metadata (key/value header) fast, without loading tensors: the router
+needs a model's shape before loading it, and gguf.GGUFReader takes seconds on a 49k-token vocab."""
+from __future__ import annotations
+
+import mmap
+import struct
+from pathlib import Path
+from typing import Any
+
+__all__ = ["read_gguf_metadata"]
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def read_gguf_metadata(path: Path, *, max_array: int = 16) -> dict[str, Any]:
+    """Every metadata key: scalars and strings as values; arrays as lists when they have at most
+    `max_array` items, else as their length (a 49k-token vocabulary becomes an int)."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if data[:4] != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        version, = struct.unpack_from("<I", data, 4)
+        if version < 2:
+            raise ValueError(f"{path}: GGUF version {version} is too old")
+        _tensors, count = struct.unpack_from("<QQ", data, 8)
+        pos, meta = 24, {}
+        for _ in range(count):
+            key, pos = _string(data, pos)
+            kind, = struct.unpack_from("<I", data, pos)
+            meta[key], pos = _value(data, pos + 4, kind, max_array)
+        return meta
+
+
+def _string(data, pos: int) -> tuple[str, int]:
+    size, = struct.unpack_from("<Q", data, pos)
+    return bytes(data[pos + 8:pos + 8 + size]).decode("utf-8", errors="replace"), pos + 8 + size
+
+
+def _value(data, pos: int, kind: int, max_array: int) -> tuple[Any, int]:
+    if kind in _SCALARS:
+        fmt = _SCALARS[kind]
+        return struct.unpack_from(fmt, data, pos)[0], pos + struct.calcsize(fmt)
+    if kind == _STRING:
+        return _string(data, pos)
+    if kind != _ARRAY:
+        raise ValueError(f"unknown GGUF value type {kind}")
+    item, n = struct.unpack_from("<IQ", data, pos)
+    pos += 12
+    if item in _SCALARS and n > max_array:  # skip fixed-size items in one step
+        return n, pos + n * struct.calcsize(_SCALARS[item])
+    items = []
+    for _ in range(n):
+        value, pos = _value(data, pos, item, max_array)
+        if n <= max_array:
+            items.append(value)
+    return (items if n <= max_array else n), pos
