@@ -137,6 +137,7 @@ class ModelRouter:
                             retry_after=max(1, resident.waiting // max(len(resident.workers), 1)))
         resident.waiting += 1
         self._gauges(resident)
+        log.debug("%s: waiting for a slot (%d waiting, %d active)", record.id, resident.waiting, resident.active)
         try:
             worker = await self._take_slot(resident, disconnected)
         finally:
@@ -168,6 +169,7 @@ class ModelRouter:
         raise ClientGone("The client disconnected while waiting for the model.")
 
     def _release(self, resident: Resident, worker: ModelWorker) -> None:
+        log.debug("%s: slot released (%d waiting, %d active)", resident.record.id, resident.waiting, resident.active - 1)
         resident.active -= 1
         resident.last_used = self._clock()
         resident.free.put_nowait(worker)

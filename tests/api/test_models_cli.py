@@ -39,7 +39,7 @@ def work(tmp_path_factory, default_gguf) -> Path:
     (models / "tooled").mkdir()
     (models / "tooled" / "manifest.yaml").write_text(
         f"id: tooled-smol\nbackend: llama_cpp\nsource: {default_gguf}\nroles: [chat]\n"
-        "capabilities: [chat, tools]\n")
+        "capabilities: [chat, tools, vision]\n")
     return work
 
 
@@ -57,23 +57,23 @@ def test_list_json_shows_builtin_discovered_and_curated_models(work):
     assert set(by_id) == {"smollm2-135m-instruct", "loose-smol", "tooled-smol"}
     assert by_id["smollm2-135m-instruct"]["default"] and by_id["smollm2-135m-instruct"]["origin"] == "builtin"
     assert by_id["loose-smol"]["origin"] == "discovered" and by_id["loose-smol"]["backend"] == "llama_cpp"
-    assert by_id["tooled-smol"]["capabilities"] == ["chat", "tools"]
+    assert by_id["tooled-smol"]["capabilities"] == ["chat", "tools", "vision"]
     role = cli(work, "list", "--role", "chat")  # text, in the order role:chat tries them
     ids = [line.split()[0] for line in role.stdout.splitlines()[1:-1]]
     assert ids == ["smollm2-135m-instruct", "tooled-smol", "loose-smol"]
 
 
 def test_select_explains_its_choice_and_fails_with_exit_1(work):
-    out = cli(work, "select", "role:chat", "--require", "tools", "--json")
+    out = cli(work, "select", "role:chat", "--require", "vision", "--json")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["model"] == "tooled-smol" and "first curated model" in result["reason"]
-    assert result["rejected"] == [{"id": "smollm2-135m-instruct",
-                                   "reason": "lacks tools (capabilities: chat, completion)"}]
-    none = cli(work, "select", "role:chat", "--require", "vision")
+    assert result["rejected"] == [{"id": "smollm2-135m-instruct", "reason": "lacks vision (capabilities: chat, "
+                                   "completion, tools, json_schema, logprobs, embeddings)"}]
+    none = cli(work, "select", "role:chat", "--require", "audio")
     assert none.returncode == 1 and none.stdout == ""
-    assert "No model qualifies for `role:chat with vision`" in none.stderr
-    assert "rejected tooled-smol: lacks vision" in none.stderr
+    assert "No model qualifies for `role:chat with audio`" in none.stderr
+    assert "rejected tooled-smol: lacks audio" in none.stderr
 
 
 def test_verify_prints_and_records_the_sha256_of_a_symlinked_gguf(work, gguf_sha):
@@ -141,7 +141,7 @@ def live(tmp_path_factory, default_gguf):
     work = tmp_path_factory.mktemp("select-live")
     (work / "models" / "tooled").mkdir(parents=True)
     (work / "models" / "tooled" / "manifest.yaml").write_text(
-        f"id: tooled-smol\nbackend: llama_cpp\nsource: {default_gguf}\ncapabilities: [chat, tools, json_schema]\n")
+        f"id: tooled-smol\nbackend: llama_cpp\nsource: {default_gguf}\ncapabilities: [chat, tools, json_schema, vision]\n")
     server = LiveServer(work)
     yield server, work
     server.stop()
@@ -150,17 +150,17 @@ def live(tmp_path_factory, default_gguf):
 def test_select_route_answers_with_model_reason_and_rejections(live):
     server, _ = live
     url = server.base_url + "/api/models/select"
-    r = httpx.get(url, params={"role": "chat", "require": "tools,json_schema"})
+    r = httpx.get(url, params={"role": "chat", "require": "tools,vision"})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["model"] == "tooled-smol" and "has tools, json_schema" in body["reason"]
+    assert body["model"] == "tooled-smol" and "has tools, vision" in body["reason"]
     assert [x["id"] for x in body["rejected"]] == ["smollm2-135m-instruct"]
-    repeated = httpx.get(url, params=[("role", "chat"), ("require", "tools"), ("require", "json_schema")])
+    repeated = httpx.get(url, params=[("role", "chat"), ("require", "tools"), ("require", "vision")])
     assert repeated.json() == body
     assert httpx.get(url, params={"name": "smollm2"}).json()["model"] == "smollm2-135m-instruct"
-    none = httpx.get(url, params={"name": "role:chat", "require": "vision"})
+    none = httpx.get(url, params={"name": "role:chat", "require": "audio"})
     assert none.status_code == 404 and none.json()["error"]["code"] == "model_not_found"
-    assert "lacks vision" in none.json()["error"]["message"]
+    assert "lacks audio" in none.json()["error"]["message"]
     both = httpx.get(url, params={"name": "x", "role": "chat"})
     assert both.status_code == 400 and both.json()["error"]["param"] == "name"
 
