@@ -14,6 +14,8 @@ import msgspec
 import msgspec.yaml
 
 from server.errors import InvalidRequestError, OpenAIError
+from server.cli_load import add_load_command
+from server.gguf_header import read_gguf_header
 from server.registry import ModelRecord, NoModelQualifies, Registry
 from server.registry_state import ModelState, model_files
 from server.settings import load_settings
@@ -54,7 +56,7 @@ def add_models_parser(commands: argparse._SubParsersAction) -> None:
     common.add_argument("--lab-dir", help="holds registry.sqlite3: hashes, locks, usage (default lab)")
     common.add_argument("--default-model", help="model id that `default` resolves to")
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
-    models = commands.add_parser("models", help="list, select, verify, lock and inspect models (offline)")
+    models = commands.add_parser("models", help="list, select, verify, lock, inspect (offline) and load models")
     sub = models.add_subparsers(dest="models_command", required=True)
     cmd = sub.add_parser("list", parents=[common], help="every model, with its state")
     cmd.add_argument("--role", help="only models with this role, in the order `role:ROLE` tries them")
@@ -78,6 +80,7 @@ def add_models_parser(commands: argparse._SubParsersAction) -> None:
     cmd = sub.add_parser("show", parents=[common], help="manifest and file metadata (no weights loaded)")
     cmd.add_argument("id")
     cmd.set_defaults(run=_run(_show))
+    add_load_command(sub)
 
 
 def _run(command):
@@ -215,50 +218,17 @@ def _folder_info(path: Path) -> dict[str, Any]:
 
 
 def gguf_info(path: Path) -> GGUFInfo:
-    """The header of a GGUF file through gguf's GGUFReader: tensors are memory-mapped, never read."""
+    """The header of a GGUF file (tensors are never read)."""
     import gguf
 
-    reader = _header_reader(gguf)(path)
-
-    def field(key: str) -> Any:
-        f = reader.get_field(key)
-        return f.contents() if f is not None else None
-
-    arch = field("general.architecture")
-    file_type = field("general.file_type")
+    header = read_gguf_header(path)
+    meta = header.metadata
+    arch = meta.get("general.architecture")
+    file_type = meta.get("general.file_type")
     try:
         quant = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else None
     except ValueError:
         quant = f"file_type {file_type}"
-    return GGUFInfo(architecture=arch, context_length=field(f"{arch}.context_length") if arch else None,
-                    quantization=quant, chat_template=reader.get_field("tokenizer.chat_template") is not None,
-                    tensor_count=len(reader.tensors), file_size=path.stat().st_size)
-
-
-def _header_reader(gguf):
-    """GGUFReader builds a numpy view per element of every array field: ~5 s on a 49k-token vocab.
-    This subclass maps scalar arrays in one view and skips over string arrays (vocab, merges),
-    whose contents `show` does not need; everything else is GGUFReader's own parsing."""
-    import numpy as np
-
-    array, string = gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING
-
-    class HeaderReader(gguf.GGUFReader):
-        def _get_field_parts(self, orig_offs, raw_type):
-            if gguf.GGUFValueType(raw_type) != array:
-                return super()._get_field_parts(orig_offs, raw_type)
-            raw_itype, count = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
-            itype, n, offs = gguf.GGUFValueType(raw_itype[0]), int(count[0]), orig_offs + 12
-            if (np_type := self.gguf_scalar_to_np.get(itype)) is not None:
-                items = self._get(offs, np_type, n)
-                return 12 + int(items.nbytes), [raw_itype, count, items], [2] if n else [], [array, itype]
-            if itype != string:
-                return super()._get_field_parts(orig_offs, raw_type)
-            data = memoryview(self.data)
-            order = "little" if (self.byte_order == "I") == (sys.byteorder == "little") else "big"
-            for _ in range(n):  # each string: u64 length, then its bytes
-                offs += 8 + int.from_bytes(data[offs:offs + 8], order)
-            blob = self._get(orig_offs + 12, np.uint8, offs - orig_offs - 12)
-            return offs - orig_offs, [raw_itype, count, blob], [], [array, itype]
-
-    return HeaderReader
+    return GGUFInfo(architecture=arch, context_length=meta.get(f"{arch}.context_length") if arch else None,
+                    quantization=quant, chat_template="tokenizer.chat_template" in meta,
+                    tensor_count=header.tensor_count, file_size=path.stat().st_size)

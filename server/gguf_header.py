@@ -5,15 +5,21 @@ from __future__ import annotations
 import mmap
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["read_gguf_metadata"]
+__all__ = ["GGUFHeader", "read_gguf_header", "read_gguf_metadata"]
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 
 
-def read_gguf_metadata(path: Path, *, max_array: int = 16) -> dict[str, Any]:
+class GGUFHeader(NamedTuple):
+    version: int
+    tensor_count: int
+    metadata: dict[str, Any]
+
+
+def read_gguf_header(path: Path, *, max_array: int = 16) -> GGUFHeader:
     """Every metadata key: scalars and strings as values; arrays as lists when they have at most
     `max_array` items, else as their length (a 49k-token vocabulary becomes an int)."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
@@ -22,13 +28,17 @@ def read_gguf_metadata(path: Path, *, max_array: int = 16) -> dict[str, Any]:
         version, = struct.unpack_from("<I", data, 4)
         if version < 2:
             raise ValueError(f"{path}: GGUF version {version} is too old")
-        _tensors, count = struct.unpack_from("<QQ", data, 8)
+        tensors, count = struct.unpack_from("<QQ", data, 8)
         pos, meta = 24, {}
         for _ in range(count):
             key, pos = _string(data, pos)
             kind, = struct.unpack_from("<I", data, pos)
             meta[key], pos = _value(data, pos + 4, kind, max_array)
-        return meta
+        return GGUFHeader(version, tensors, meta)
+
+
+def read_gguf_metadata(path: Path, *, max_array: int = 16) -> dict[str, Any]:
+    return read_gguf_header(path, max_array=max_array).metadata
 
 
 def _string(data, pos: int) -> tuple[str, int]:

@@ -195,3 +195,19 @@ def test_a_locked_model_whose_file_changed_refuses_to_load(tiny_models_dir, room
     assert "locked" not in ps(roomy)
     assert subprocess.run([*cli, "verify", "locked", *dirs], capture_output=True).returncode == 2
     chat(roomy, "default")  # everything else keeps serving
+
+
+def test_cli_load_draws_a_progress_bar_to_completion(roomy):
+    import subprocess
+    import sys
+
+    httpx.post(roomy.base_url + "/api/models/tiny/unload")
+    out = subprocess.run([sys.executable, "-m", "server", "models", "load", "tiny", "--url", roomy.base_url],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    frames = [f for f in out.stderr.splitlines() if f.strip()]  # text mode turns each \r into a line
+    assert frames[0].startswith("tiny [") and "100.0%" in frames[-1] and "#" * 30 in frames[-1]
+    assert "tiny" in ps(roomy)
+    missing = subprocess.run([sys.executable, "-m", "server", "models", "load", "nope", "--url", roomy.base_url],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
