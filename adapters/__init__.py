@@ -1,23 +1,27 @@
 """Backends: one module per engine, each implementing adapters.base.Adapter."""
 from __future__ import annotations
 
+import importlib
+
 from adapters.base import Adapter
 
 __all__ = ["Adapter", "create_adapter", "BACKENDS"]
 
-BACKENDS = ("llama_cpp", "hf_transformers", "onnx_runtime", "vllm_remote", "victor_custom")
+# backend name -> "module:Class"; imported on first use, because torch, onnxruntime and friends
+# are optional and slow to import.
+BACKENDS = {
+    "llama_cpp": "adapters.llama_cpp:LlamaCppAdapter",
+}
 
 
 def create_adapter(record, settings=None) -> Adapter:
-    """Build the adapter for a registry record. Imports lazily: torch and friends are optional."""
+    """The adapter for a registry record (not loaded yet)."""
     backend = record.manifest.backend
-    if backend == "llama_cpp":
-        from adapters.llama_cpp import LlamaCppAdapter
+    target = BACKENDS.get(backend)
+    if target is None:
+        from server.errors import CapabilityNotSupported
 
-        return LlamaCppAdapter(record, threads=getattr(settings, "threads", None))
-    from server.errors import CapabilityNotSupported
-
-    raise CapabilityNotSupported(
-        f"Model `{record.id}` uses backend `{backend}`, which this server build cannot run yet.",
-        param="model",
-    )
+        raise CapabilityNotSupported(
+            f"Model `{record.id}` uses backend `{backend}`, which this server build cannot run yet.", param="model")
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)(record, settings)

@@ -82,9 +82,10 @@ class Adapter:
     backend = "base"
     capabilities: frozenset[str] = frozenset()
 
-    def __init__(self, record) -> None:
+    def __init__(self, record, settings=None) -> None:
         self.record = record
         self.manifest = record.manifest
+        self.settings = settings  # server Settings (threads, lab dir, ...) or None in tests
 
     @property
     def id(self) -> str:

@@ -82,9 +82,9 @@ class LlamaCppAdapter(Adapter):
     capabilities = frozenset({Capability.CHAT, Capability.COMPLETION, Capability.TOOLS, Capability.JSON_SCHEMA,
                               Capability.LOGPROBS, Capability.EMBEDDINGS})
 
-    def __init__(self, record, threads: int | None = None) -> None:
-        super().__init__(record)
-        self.threads = self.manifest.params.get("threads") or threads or physical_cores()
+    def __init__(self, record, settings=None) -> None:
+        super().__init__(record, settings)
+        self.threads = self.manifest.params.get("threads") or getattr(settings, "threads", None) or physical_cores()
         self._llm = None
         self._embedder = None
         self._chat_formatter = None
