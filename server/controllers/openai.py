@@ -25,8 +25,9 @@ from server.serving.generation import (
     completion_params,
 )
 from server.serving.sse import SSE_HEADERS
+from server.serving.tools import ToolMode
 
-__all__ = ["OpenAIController", "require_capability", "samples"]
+__all__ = ["OpenAIController", "require_capability", "require_chat_capabilities", "samples"]
 
 
 def _sse(body) -> Stream:
@@ -37,6 +38,19 @@ def require_capability(adapter: Adapter, capability: str, param: str) -> None:
     if capability not in adapter.capabilities:
         raise CapabilityNotSupported(f"Model `{adapter.id}` (backend {adapter.backend}) does not support "
                                      f"`{capability}`.", param=param)
+
+
+def require_chat_capabilities(adapter: Adapter, mode: ToolMode, params: GenerateParams, *, input_param: str,
+                              format_param: str) -> None:
+    """What a chat request needs of the model (chat, tools, a JSON constraint, logprobs): a 400
+    naming model and capability when it lacks one, never a silent fallback."""
+    require_capability(adapter, Capability.CHAT, input_param)
+    if mode.kind != "none":
+        require_capability(adapter, Capability.TOOLS, "tools")
+    if params.json_schema is not None:
+        require_capability(adapter, Capability.JSON_SCHEMA, "tools" if mode.kind == "forced" else format_param)
+    if params.logprobs:
+        require_capability(adapter, Capability.LOGPROBS, "logprobs")
 
 
 def samples(params: GenerateParams, n: int) -> list[GenerateParams]:
@@ -67,13 +81,7 @@ class OpenAIController(Controller):
         lease = await acquire(router, request, req.model, req.keep_alive)
         try:
             adapter = lease.adapter
-            require_capability(adapter, Capability.CHAT, "messages")
-            if mode.kind != "none":
-                require_capability(adapter, Capability.TOOLS, "tools")
-            if params.json_schema is not None:
-                require_capability(adapter, Capability.JSON_SCHEMA, "response_format")
-            if params.logprobs:
-                require_capability(adapter, Capability.LOGPROBS, "logprobs")
+            require_chat_capabilities(adapter, mode, params, input_param="messages", format_param="response_format")
             params = chat_params(req, adapter.manifest.defaults, mode)
             gens = [Generation(lease, p, "chat") for p in samples(params, req.n)]
             await gens[0].start()  # errors before the first token become a real HTTP status

@@ -9,10 +9,9 @@ from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath
 from litestar.response import Stream
 
-from adapters.base import Capability
 from server.controllers.auth import require_api_key
 from server.controllers.leases import acquire, released_after
-from server.controllers.openai import require_capability
+from server.controllers.openai import require_chat_capabilities
 from server.errors import decode_body
 from server.protocol.responses import (
     ResponseCreateRequest,
@@ -67,12 +66,7 @@ class ResponsesController(Controller):
         lease = await acquire(router, request, chat.model, req.keep_alive)
         try:
             adapter = lease.adapter
-            require_capability(adapter, Capability.CHAT, "input")
-            if mode.kind != "none":
-                require_capability(adapter, Capability.TOOLS, "tools")
-            if params.json_schema is not None:
-                require_capability(adapter, Capability.JSON_SCHEMA,
-                                   "tools" if mode.kind == "forced" else "text.format")
+            require_chat_capabilities(adapter, mode, params, input_param="input", format_param="text.format")
             params = chat_params(chat, adapter.manifest.defaults, mode)
             gen = Generation(lease, params, "responses")
             await gen.start()  # errors before the first token become a real HTTP status

@@ -6,17 +6,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from server.protocol.common import (
-    LogitBias,
-    MaxTokens,
-    Penalty,
-    Stop,
-    StreamOptions,
-    Temperature,
-    TopLogprobs,
-    TopP,
-    Usage,
-)
+from server.protocol.common import MaxTokens, SamplingRequest, TopLogprobs, Usage
 
 __all__ = [
     "ContentPart", "FunctionCall", "ToolCall", "ChatMessage", "FunctionDefinition", "ChatTool", "NamedToolChoice",
@@ -94,34 +84,16 @@ class ResponseFormat(msgspec.Struct):
     json_schema: JsonSchemaFormat | None = None
 
 
-class ChatCompletionRequest(msgspec.Struct, kw_only=True):
-    model: str
+class ChatCompletionRequest(SamplingRequest, kw_only=True):
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
-    stop: Stop | None = None
-    seed: int | None = None
-    n: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    logit_bias: LogitBias | None = None
     logprobs: bool | None = None
     top_logprobs: TopLogprobs | None = None
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
-    # Extensions many clients send (llama.cpp, vLLM, Ollama names).
-    top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    min_p: TopP | None = None
-    repeat_penalty: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
-    ignore_eos: bool = False
-    user: str | None = None
-    keep_alive: str | float | None = None  # Ollama's: how long the model stays loaded after this request
 
 
 class TopLogprobEntry(msgspec.Struct):

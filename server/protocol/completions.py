@@ -5,43 +5,17 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from server.protocol.common import (
-    LogitBias,
-    MaxTokens,
-    Penalty,
-    Stop,
-    StreamOptions,
-    Temperature,
-    TopP,
-    Usage,
-)
+from server.protocol.common import MaxTokens, SamplingRequest, Usage
 
 __all__ = ["CompletionRequest", "CompletionLogprobs", "CompletionChoice", "Completion"]
 
 
-class CompletionRequest(msgspec.Struct, kw_only=True):
-    model: str
+class CompletionRequest(SamplingRequest, kw_only=True):
     prompt: str | Annotated[list[str], msgspec.Meta(min_length=1)]
     suffix: str | None = None
     echo: bool = False
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
     max_tokens: MaxTokens | None = 16  # OpenAI's default for this endpoint
-    stop: Stop | None = None
-    seed: int | None = None
-    n: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
     logprobs: Annotated[int, msgspec.Meta(ge=0, le=5)] | None = None
-    logit_bias: LogitBias | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    min_p: TopP | None = None
-    repeat_penalty: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
-    ignore_eos: bool = False
-    user: str | None = None
-    keep_alive: str | float | None = None  # Ollama's: how long the model stays loaded after this request
 
 
 class CompletionLogprobs(msgspec.Struct):

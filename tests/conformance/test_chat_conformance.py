@@ -61,7 +61,8 @@ def test_finish_reason_table(server):
     word = natural["message"]["content"].split()[1]
     stopped = post(server, {"messages": hi, "temperature": 0, "stop": [word]}).json()["choices"][0]
     assert stopped["finish_reason"] == "stop" and word not in stopped["message"]["content"]
-    called = post(server, {"messages": MSGS, "tools": [TOOL], "tool_choice": "required"}).json()["choices"][0]
+    called = post(server, {"messages": MSGS, "tools": [TOOL], "tool_choice": "required", "temperature": 0,
+                           "max_tokens": 64}).json()["choices"][0]
     assert called["finish_reason"] == "tool_calls"
 
 
@@ -137,7 +138,7 @@ def test_logprobs_without_top_logprobs_gives_empty_top_lists(server):
     content = out["choices"][0]["logprobs"]["content"]
     assert len(content) == out["usage"]["completion_tokens"]
     assert all(t["top_logprobs"] == [] and t["logprob"] <= 0 and isinstance(t["bytes"], list) for t in content)
-    assert post(server, {"messages": MSGS}).json()["choices"][0]["logprobs"] is None
+    assert post(server, {"messages": MSGS, "max_tokens": 4}).json()["choices"][0]["logprobs"] is None
     bad = post(server, {"messages": MSGS, "top_logprobs": 2})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_logprobs"
 
