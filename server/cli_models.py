@@ -15,6 +15,7 @@ import msgspec.yaml
 
 from server.errors import InvalidRequestError, OpenAIError
 from server.cli_load import add_load_command
+from server.export_onnx import add_export_arguments, export_command
 from server.gguf_header import read_gguf_header
 from server.registry import ModelRecord, NoModelQualifies, Registry
 from server.registry_state import ModelState, model_files
@@ -80,6 +81,10 @@ def add_models_parser(commands: argparse._SubParsersAction) -> None:
     cmd = sub.add_parser("show", parents=[common], help="manifest and file metadata (no weights loaded)")
     cmd.add_argument("id")
     cmd.set_defaults(run=_run(_show))
+    cmd = sub.add_parser("export-onnx", parents=[common], help="convert an HF folder or GGUF model to an ONNX "
+                         "folder with a KV cache (onnx_runtime backend)")
+    add_export_arguments(cmd)
+    cmd.set_defaults(run=_run(export_command))
     add_load_command(sub)
 
 
