@@ -62,6 +62,12 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _kv_dims(config: dict[str, Any]) -> tuple[int, int]:
+    """(kv heads, head dim) from a config.json."""
+    heads = config.get("num_attention_heads") or 1
+    return config.get("num_key_value_heads") or heads, config.get("head_dim") or (config.get("hidden_size") or 0) // heads
+
+
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet, reversed: the character a byte-level BPE token uses -> that byte."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -101,7 +107,10 @@ class OnnxRuntimeAdapter(Adapter):
         self._session = None
         self._tokenizer = None
         self._sig: _Signature | None = None
-        self._config: dict[str, Any] = {}
+        try:
+            self._config: dict[str, Any] = _read_json(self._folder() / "config.json")
+        except ModelLoadError:  # an uninstalled package:// source: load() reports it
+            self._config = {}
         self._eos: list[int] = []
         self._pieces: dict[int, bytes] = {}
         self._special: set[int] = set()
@@ -120,7 +129,6 @@ class OnnxRuntimeAdapter(Adapter):
         if not source.exists():
             raise ModelLoadError(f"Model `{self.id}`: no files at {source}.")
         onnx_file = find_onnx_file(source, self.manifest.params.get("onnx_file"))
-        self._config = _read_json(self._folder() / "config.json")
         self._load_tokenizer()
         if progress:
             progress(0.2)
@@ -203,10 +211,7 @@ class OnnxRuntimeAdapter(Adapter):
 
     def _kv_shape(self, shape: list) -> tuple[int, int]:
         """(kv heads, head dim) of a past input: static dims when the graph has them, else config.json."""
-        c = self._config
-        heads = c.get("num_attention_heads") or 1
-        kv_heads = c.get("num_key_value_heads") or heads
-        head_dim = c.get("head_dim") or (c.get("hidden_size") or 0) // heads
+        kv_heads, head_dim = _kv_dims(self._config)
         return (shape[1] if isinstance(shape[1], int) else kv_heads,
                 shape[3] if isinstance(shape[3], int) else head_dim)
 
@@ -222,21 +227,15 @@ class OnnxRuntimeAdapter(Adapter):
 
     def memory_estimate(self) -> int:
         """Graph + weights files, the fp32 KV cache for the whole context, and a prefill logits buffer."""
-        folder = self._folder()
         try:
             onnx_file = find_onnx_file(self.record.source_path(), self.manifest.params.get("onnx_file"))
+            weights = sum(p.stat().st_size for p in onnx_file.parent.iterdir() if p.is_file() and (
+                p.name.startswith(onnx_file.name) or p.suffix in (".data", ".onnx_data")))
         except (ModelLoadError, OSError):
             return 0  # the load says what is wrong
-        files = [p for p in onnx_file.parent.iterdir() if p.is_file() and (
-            p == onnx_file or p.name.startswith(onnx_file.name) or p.suffix in (".data", ".onnx_data", ".bin"))]
-        weights = sum(p.stat().st_size for p in files)
-        config = self._config or _read_json(folder / "config.json")
-        heads = config.get("num_attention_heads") or 1
-        kv_heads = config.get("num_key_value_heads") or heads
-        head_dim = config.get("head_dim") or (config.get("hidden_size") or 0) // heads
-        n_ctx = int(self.manifest.context_length or config.get("max_position_embeddings") or DEFAULT_CONTEXT)
-        kv = 2 * (config.get("num_hidden_layers") or 0) * kv_heads * head_dim * n_ctx * 4
-        logits = self.prefill_chunk * (config.get("vocab_size") or 0) * 4
+        kv_heads, head_dim = _kv_dims(self._config)
+        kv = 2 * (self._config.get("num_hidden_layers") or 0) * kv_heads * head_dim * self.context_length() * 4
+        logits = self.prefill_chunk * (self._config.get("vocab_size") or 0) * 4
         return int(weights * 1.1) + kv + logits
 
     # --- tokens ----------------------------------------------------------------------------

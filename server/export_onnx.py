@@ -210,7 +210,7 @@ def _export_graph(model, path: Path, say) -> None:
         warnings.simplefilter("ignore")  # deprecation and axis-naming chatter from the exporter
         program = torch.onnx.export(kv_cache_module(model), _sample_inputs(model.config), dynamo=True,
                                     dynamic_shapes=dynamic, input_names=inputs, output_names=outputs,
-                                    external_data=True, verbose=False)
+                                    external_data=True, verbose=None)  # None: its own phase lines
     say(f"writing {path.name} (weights go to {path.name}.data past 2 GB)")
     program.save(path, external_data=None)
 
