@@ -9,7 +9,7 @@ import msgspec
 
 from server.errors import CapabilityNotSupported
 
-__all__ = ["Capability", "GenerateParams", "Usage", "TopLogprob", "TokenLogprob", "Delta", "Adapter"]
+__all__ = ["Capability", "GenerateParams", "Usage", "TopLogprob", "TokenLogprob", "ToolCallPiece", "Delta", "Adapter"]
 
 
 class Capability:
@@ -44,6 +44,10 @@ class GenerateParams(msgspec.Struct, kw_only=True):
     logprobs: bool = False
     top_logprobs: int = 0
     suffix: str | None = None  # fill in the middle between prompt and suffix (completions)
+    # The decoded API request (ChatCompletionRequest / CompletionRequest) these params came from.
+    # Only backends that forward requests to another server read it (vllm_remote: which fields the
+    # client actually set, raw messages, tools, response_format); every other adapter ignores it.
+    request: Any = None
 
 
 class Usage(msgspec.Struct):
@@ -67,6 +71,16 @@ class TokenLogprob(msgspec.Struct):
     top: list[TopLogprob] = []
 
 
+class ToolCallPiece(msgspec.Struct):
+    """A tool call as a backend that runs tools itself streams it (Adapter.handles_tools): id and
+    name on the first piece of a call, then argument fragments that join to a JSON string."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
 class Delta(msgspec.Struct):
     """A piece of generated text; the last one of a sequence carries finish_reason and usage."""
 
@@ -74,6 +88,7 @@ class Delta(msgspec.Struct):
     finish_reason: str | None = None
     usage: Usage | None = None
     logprobs: list[TokenLogprob] | None = None  # the tokens behind this piece, when asked for
+    tool_calls: list[ToolCallPiece] | None = None  # only from backends with handles_tools
 
 
 class Adapter:
@@ -81,6 +96,9 @@ class Adapter:
 
     backend = "base"
     capabilities: frozenset[str] = frozenset()
+    # True for a backend that applies tools and response_format itself (a remote server): the
+    # serving layer then neither prompts for tools nor parses calls, and streams Delta.tool_calls.
+    handles_tools: bool = False
 
     def __init__(self, record, settings=None) -> None:
         self.record = record

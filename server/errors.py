@@ -22,6 +22,8 @@ __all__ = [
     "InsufficientMemory",
     "QueueFull",
     "ClientGone",
+    "BackendUnavailable",
+    "BackendTimeout",
     "decode_body",
     "error_response",
     "exception_handlers",
@@ -121,6 +123,22 @@ class ClientGone(OpenAIError):
     status_code = 499  # nginx's "client closed request": nobody reads it, but the logs say why
     type = "invalid_request_error"
     code = "client_closed_request"
+
+
+class BackendUnavailable(OpenAIError):
+    """The model lives behind another server (or process) that could not be reached or failed."""
+
+    status_code = 502
+    type = "server_error"
+    code = "backend_unavailable"
+
+
+class BackendTimeout(OpenAIError):
+    """The model's remote server or runner process did not answer in its configured time."""
+
+    status_code = 504
+    type = "server_error"
+    code = "backend_timeout"
 
 
 _MSGSPEC_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")

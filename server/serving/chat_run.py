@@ -42,7 +42,9 @@ def _finish_reason(reason: str, called: bool) -> str:
 
 
 async def chat_run(gen: Generation, mode: ToolMode) -> AsyncIterator[ChatEvent]:
-    if mode.kind == "forced":
+    if getattr(gen.worker.adapter, "handles_tools", False):
+        events = _plain(gen)  # the backend ran tools itself: its calls arrive as Delta.tool_calls
+    elif mode.kind == "forced":
         events = _forced(gen)
     elif mode.kind == "auto":
         events = _auto(gen, mode.names)
@@ -56,6 +58,11 @@ async def _plain(gen: Generation) -> AsyncIterator[ChatEvent]:
     async for delta in gen.deltas():
         if delta.text or delta.logprobs:
             yield TextDelta(delta.text, delta.logprobs)
+        for call in delta.tool_calls or ():
+            if call.id is not None or call.name is not None:
+                yield ToolCallStart(call.index, call.id or new_call_id(), call.name or "")
+            if call.arguments:
+                yield ToolCallArgs(call.index, call.arguments)
         if delta.finish_reason is not None:
             yield Finish(delta.finish_reason, delta.usage)
 

@@ -105,13 +105,14 @@ def chat_params(req: ChatCompletionRequest, defaults: dict[str, Any], mode: Tool
     schema = forced_call_schema(req.tools, mode) if mode.kind == "forced" else _response_schema(req)
     max_tokens = req.max_completion_tokens or req.max_tokens or defaults.get("max_tokens")
     return GenerateParams(messages=_chat_messages(req, mode), max_tokens=max_tokens, json_schema=schema,
-                          logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0, **_sampling(req, defaults))
+                          logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0, request=req,
+                          **_sampling(req, defaults))
 
 
 def completion_params(req: CompletionRequest, prompt: str, defaults: dict[str, Any]) -> GenerateParams:
     top = req.logprobs or 0
     return GenerateParams(prompt=prompt, max_tokens=req.max_tokens, suffix=req.suffix, logprobs=req.logprobs is not None,
-                          top_logprobs=top, **_sampling(req, defaults))
+                          top_logprobs=top, request=req, **_sampling(req, defaults))
 
 
 @dataclass
