@@ -11,6 +11,7 @@ __all__ = ["Adapter", "create_adapter", "BACKENDS"]
 # are optional and slow to import.
 BACKENDS = {
     "llama_cpp": "adapters.llama_cpp:LlamaCppAdapter",
+    "hf_transformers": "adapters.hf_transformers:HFTransformersAdapter",
     "vllm_remote": "adapters.vllm_remote:VllmRemoteAdapter",
     "onnx_runtime": "adapters.onnx_runtime:OnnxRuntimeAdapter",
 }

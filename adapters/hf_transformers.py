@@ -1,0 +1,396 @@
+"""Hugging Face models through transformers + torch: HF folders (config.json + safetensors +
+tokenizer files) or a GGUF dequantized by transformers. The Lab's engine of choice: the torch
+module and tokenizer are handed out through torch_handle(); LoRA adapters load through peft.
+
+Nothing here touches the network: transformers and huggingface_hub run offline and every
+from_pretrained() is local_files_only."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapters.base import Adapter, Capability, Delta, GenerateParams, TokenLogprob, Usage
+from adapters.hf_files import DEFAULT_CONTEXT, fast_gguf_reads, gguf_shape, kv_cache_bytes, safetensors_params
+from adapters.hf_sampling import Sampler, constraints_available, token_bytes_table
+from adapters.logprobs import token_logprob
+from adapters.text import StopBuffer, Utf8Stream
+from server.errors import CapabilityNotSupported, ContextLengthExceeded, InvalidRequestError, ModelLoadError
+
+__all__ = ["HFTransformersAdapter", "TorchHandle"]
+
+log = logging.getLogger("omniloader.hf_transformers")
+
+EMBED_BATCH = 32
+_GENERATIVE_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+_TORCH_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
+@dataclass(frozen=True)
+class TorchHandle:
+    """What the Lab works on: the live torch module (LoRA layers included once loaded), its
+    tokenizer, and where it runs. Use it on the model's worker thread (worker.call)."""
+
+    model: Any  # transformers PreTrainedModel (torch.nn.Module)
+    tokenizer: Any  # transformers tokenizer
+    device: str
+    dtype: str
+    causal: bool  # a generative (decoder) model; False for an encoder such as BERT
+
+
+def _offline() -> None:
+    """Weights come from local paths only: no hub look-ups, downloads or telemetry, whatever the
+    environment says (every from_pretrained() below is also local_files_only)."""
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+class HFTransformersAdapter(Adapter):
+    backend = "hf_transformers"
+    # Everything this backend can do; each loaded model declares its own subset (self.capabilities).
+    capabilities = frozenset({Capability.CHAT, Capability.COMPLETION, Capability.EMBEDDINGS, Capability.TOOLS,
+                              Capability.JSON_SCHEMA, Capability.LOGPROBS, Capability.TORCH, Capability.LORA})
+
+    def __init__(self, record, settings=None) -> None:
+        super().__init__(record, settings)
+        self.capabilities = frozenset()
+        self._model = None
+        self._tokenizer = None
+        self._peft = None  # peft.PeftModel wrapping self._model once a LoRA is loaded
+        self._loras: set[str] = set()
+        self._active_lora: str | None = None
+        self._constraints = None
+        self._pieces: list[bytes] = []
+        self._eos: list[int] = []
+        self._causal = True
+        self._device = "cpu"
+        self._n_ctx = DEFAULT_CONTEXT
+
+    # --- loading ---------------------------------------------------------------------------
+    def _files(self) -> tuple[Path, str | None]:
+        """(folder, gguf file name or None) for the source: a HF folder, a .gguf, or a folder + params.gguf_file."""
+        path = self.record.source_path()
+        if path.is_file() and path.suffix == ".gguf":
+            return path.parent, path.name
+        if not path.is_dir():
+            raise ModelLoadError(f"Model `{self.id}`: no HF folder or GGUF file at {path}.")
+        return path, self.manifest.params.get("gguf_file")
+
+    def _device_and_dtype(self, torch):
+        params = self.manifest.params
+        device = params.get("device", "auto")
+        if device == "auto":
+            mps = getattr(torch.backends, "mps", None)
+            device = "cuda" if torch.cuda.is_available() else "mps" if mps and mps.is_available() else "cpu"
+        name = params.get("dtype")
+        if name in (None, "default"):
+            name = "float32" if device == "cpu" else (
+                "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float16")
+        if name == "auto":
+            return device, "auto"
+        if name not in _TORCH_DTYPES:
+            raise ModelLoadError(f"Model `{self.id}`: params.dtype `{name}` is not one of {sorted(_TORCH_DTYPES)} or auto.")
+        return device, getattr(torch, name)
+
+    def load(self, progress: Callable[[float], None] | None = None) -> None:
+        report = progress or (lambda _f: None)
+        _offline()
+        try:
+            import torch
+            import transformers
+        except ImportError as exc:
+            raise ModelLoadError(f"Model `{self.id}` needs torch and transformers: pip install 'omniloader[hf]' "
+                                 f"({exc}).") from exc
+        folder, gguf_file = self._files()
+        device, dtype = self._device_and_dtype(torch)
+        threads = self.manifest.params.get("threads") or getattr(self.settings, "threads", None)
+        if threads:
+            torch.set_num_threads(int(threads))
+        config = _read_json(folder / "config.json")
+        architectures = config.get("architectures") or []
+        self._causal = gguf_file is not None or not architectures or any(
+            a.endswith(_GENERATIVE_HEADS) for a in architectures)
+        kwargs = {"local_files_only": True, **({"gguf_file": gguf_file} if gguf_file else {})}
+        try:
+            with fast_gguf_reads():
+                self._tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), **kwargs)
+                report(0.2)
+                auto = transformers.AutoModelForCausalLM if self._causal else transformers.AutoModel
+                model = auto.from_pretrained(str(folder), dtype=dtype, **kwargs)
+        except (OSError, ValueError, RuntimeError, KeyError, ImportError) as exc:
+            raise ModelLoadError(f"Model `{self.id}` failed to load from {folder}: {exc}") from exc
+        report(0.9)
+        self._model = model.to(device).eval()
+        self._device = device
+        self._finish_load(model.config)
+        report(1.0)
+
+    def _finish_load(self, config) -> None:
+        n_vocab = self._model.get_input_embeddings().num_embeddings
+        self._pieces = token_bytes_table(self._tokenizer, n_vocab)
+        self._n_ctx = self.manifest.context_length or getattr(config, "max_position_embeddings", None) or DEFAULT_CONTEXT
+        eos = {self._tokenizer.eos_token_id, *_as_list(getattr(config, "eos_token_id", None))}
+        generation = getattr(self._model, "generation_config", None)
+        eos.update(_as_list(getattr(generation, "eos_token_id", None)))
+        self._eos = sorted(t for t in eos if t is not None)
+        caps = {Capability.EMBEDDINGS, Capability.TORCH}
+        if self._causal:
+            caps |= {Capability.COMPLETION, Capability.LOGPROBS, Capability.LORA}
+            if self._tokenizer.chat_template:
+                caps.add(Capability.CHAT)
+                if constraints_available() and self._tokenizer.is_fast:
+                    caps |= {Capability.TOOLS, Capability.JSON_SCHEMA}
+        self.capabilities = frozenset(caps)
+
+    def unload(self) -> None:
+        self._model = self._peft = self._tokenizer = self._constraints = None
+        self._pieces, self._loras, self._active_lora = [], set(), None
+        self.capabilities = frozenset()
+        import gc
+
+        gc.collect()
+
+    def torch_handle(self) -> TorchHandle:
+        self._require(Capability.TORCH, "model")
+        return TorchHandle(self._model, self._tokenizer, self._device, str(self._model.dtype).removeprefix("torch."),
+                           self._causal)
+
+    def context_length(self) -> int:
+        return self._n_ctx
+
+    def _require(self, capability: str, param: str) -> None:
+        if self._model is None:
+            raise ModelLoadError(f"Model `{self.id}` is not loaded.")
+        if capability not in self.capabilities:
+            raise CapabilityNotSupported(f"Model `{self.id}` (backend {self.backend}) does not support "
+                                         f"`{capability}`.", param=param)
+
+    # --- tokens ----------------------------------------------------------------------------
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        if special:
+            return self._tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def detokenize(self, ids: list[int]) -> str:
+        n_vocab = len(self._pieces)
+        bad = next((t for t in ids if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"Token id {bad} is outside the vocabulary (0..{n_vocab - 1}).", param="tokens")
+        return self._tokenizer.decode(ids)
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """The prompt text for a conversation, through the tokenizer's chat template (and the
+        default system prompt the template adds)."""
+        from jinja2 import TemplateError
+
+        self._require(Capability.CHAT, "messages")
+        try:
+            return self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateError as exc:  # the template refuses this conversation (roles, order, ...)
+            raise InvalidRequestError(f"Model `{self.id}`'s chat template rejected the messages: {exc}",
+                                      param="messages") from None
+
+    def prompt_tokens(self, params: GenerateParams) -> list[int]:
+        if params.messages is not None:
+            return self.tokenize(self.render_chat(params.messages), special=True)
+        self._require(Capability.COMPLETION, "prompt")
+        if params.suffix is not None:
+            raise CapabilityNotSupported(f"Model `{self.id}` (backend {self.backend}) does not support `suffix` "
+                                         "(fill in the middle).", param="suffix")
+        return self._tokenizer(params.prompt or "", add_special_tokens=True)["input_ids"]
+
+    def _check_context(self, n_prompt: int, max_tokens: int | None, param: str) -> int:
+        """How many tokens may be generated; a request that cannot fit is refused, never truncated."""
+        n_ctx = self._n_ctx
+        if n_prompt >= n_ctx or (max_tokens is not None and n_prompt + max_tokens > n_ctx):
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+                f"{n_prompt + (max_tokens or 0)} tokens ({n_prompt} in the messages, {max_tokens or 0} in the "
+                "completion). Please reduce the length of the messages or completion.", param=param)
+        return max_tokens if max_tokens is not None else n_ctx - n_prompt
+
+    # --- generation ------------------------------------------------------------------------
+    def _step(self, ids: list[int], cache):
+        """Feed ids after what the cache holds; the last position's logits (float32, CPU) and the cache."""
+        import torch
+
+        out = self._model(input_ids=torch.tensor([ids], device=self._device), past_key_values=cache, use_cache=True)
+        return out.logits[0, -1].float().cpu(), out.past_key_values
+
+    def _constraint(self, schema: dict | None):
+        if schema is None:
+            return None
+        self._require(Capability.JSON_SCHEMA, "response_format")
+        if self._constraints is None:
+            from adapters.hf_sampling import JsonConstraints
+
+            self._constraints = JsonConstraints(self._tokenizer, len(self._pieces), self._tokenizer.eos_token_id)
+        return self._constraints.start(schema)
+
+    def generate(self, params: GenerateParams, cancel: threading.Event) -> Iterator[Delta]:
+        import torch
+
+        prompt = self.prompt_tokens(params)
+        max_new = self._check_context(len(prompt), params.max_tokens,
+                                      "messages" if params.messages is not None else "prompt")
+        if params.logprobs or params.top_logprobs:
+            self._require(Capability.LOGPROBS, "logprobs")
+        if bad := [t for t in params.logit_bias if not 0 <= t < len(self._pieces)]:
+            raise InvalidRequestError(f"logit_bias token {bad[0]} is outside the vocabulary "
+                                      f"(0..{len(self._pieces) - 1}).", param="logit_bias")
+        constraint = self._constraint(params.json_schema)
+        sampler = Sampler(params, self._eos)
+        want_logprobs = params.logprobs or params.top_logprobs > 0
+        utf8, stops = Utf8Stream(), StopBuffer(params.stop)
+        history, produced, finish, stopped, pending = list(prompt), 0, "length", False, []
+        with torch.inference_mode():
+            logits, cache = self._step(prompt, None)
+            while max_new > 0 and not cancel.is_set():
+                token = sampler.pick(logits, history, constraint.allowed() if constraint else None)
+                if token in self._eos and not params.ignore_eos:
+                    finish = "stop"
+                    break
+                produced += 1
+                history.append(token)
+                if want_logprobs:
+                    pending.append(token_logprob(logits.numpy(), token, params.top_logprobs, self._piece))
+                text, stopped = stops.push(utf8.push(self._piece(token)))
+                if text:
+                    yield Delta(text=text, logprobs=pending or None)
+                    pending = []
+                if constraint is not None:
+                    constraint.advance(token)
+                if stopped or (constraint is not None and constraint.complete):
+                    finish = "stop"
+                    break
+                if produced >= max_new or cancel.is_set():
+                    break
+                logits, cache = self._step([token], cache)
+        tail = ""
+        if not stopped:  # the last bytes may still complete a stop string
+            tail, stopped = stops.push(utf8.flush())
+            tail, finish = (tail, "stop") if stopped else (tail + stops.flush(), finish)
+        yield Delta(text=tail, finish_reason=finish, usage=Usage(len(prompt), produced), logprobs=pending or None)
+
+    def _piece(self, token: int) -> bytes:
+        return self._pieces[token]
+
+    def score_prompt(self, prompt: str, top: int) -> list[TokenLogprob]:
+        import torch
+
+        self._require(Capability.LOGPROBS, "echo")
+        tokens = self.prompt_tokens(GenerateParams(prompt=prompt))
+        self._check_context(len(tokens), 0, "prompt")
+        if not tokens:
+            return []
+        first = self._piece(tokens[0])
+        scored = [TokenLogprob(first.decode("utf-8", errors="replace"), None, list(first))]
+        with torch.inference_mode():
+            logits = self._model(input_ids=torch.tensor([tokens], device=self._device)).logits[0].float().cpu()
+        for i in range(len(tokens) - 1):
+            scored.append(token_logprob(logits[i].numpy(), tokens[i + 1], top, self._piece))
+        return scored
+
+    # --- embeddings ------------------------------------------------------------------------
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Mean pooling of the last hidden states over the attention mask, L2-normalized."""
+        import torch
+
+        self._require(Capability.EMBEDDINGS, "model")
+        limit = self._n_ctx
+        encoded = [self._tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+        for i, ids in enumerate(encoded):
+            if len(ids) > limit:
+                raise ContextLengthExceeded(f"Input {i} has {len(ids)} tokens; this model embeds at most {limit}.",
+                                            param="input")
+        pad = self._tokenizer.pad_token_id
+        batch = EMBED_BATCH if pad is not None else 1
+        vectors: list[list[float]] = []
+        with torch.inference_mode():
+            for start in range(0, len(encoded), batch):
+                chunk = encoded[start:start + batch]
+                width = max(len(ids) for ids in chunk)
+                ids = torch.tensor([x + [pad or 0] * (width - len(x)) for x in chunk], device=self._device)
+                mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in chunk], device=self._device)
+                out = self._model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+                hidden = out.hidden_states[-1].float()
+                pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+                vectors.extend(torch.nn.functional.normalize(pooled, dim=-1).cpu().tolist())
+        return vectors, sum(len(ids) for ids in encoded)
+
+    # --- LoRA ------------------------------------------------------------------------------
+    def load_lora(self, name: str, path: str | Path) -> None:
+        """Load a peft LoRA adapter next to the base weights (inactive until set_lora(name))."""
+        self._require(Capability.LORA, "lora")
+        from peft import PeftModel
+
+        if name in self._loras:
+            raise InvalidRequestError(f"LoRA `{name}` is already loaded on `{self.id}`.", param="lora")
+        try:
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(self._model, str(path), adapter_name=name, is_trainable=False)
+            else:
+                self._peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise InvalidRequestError(f"LoRA `{name}` failed to load from {path}: {exc}", param="lora") from exc
+        self._loras.add(name)
+        self.set_lora(self._active_lora)
+
+    def set_lora(self, name: str | None) -> None:
+        """Serve with LoRA `name`, or with the base weights alone (None). No reload either way."""
+        if name is not None and name not in self._loras:
+            raise InvalidRequestError(f"LoRA `{name}` is not loaded on `{self.id}`.", param="lora")
+        if self._peft is not None:
+            if name is None:
+                self._peft.base_model.disable_adapter_layers()
+            else:
+                self._peft.set_adapter(name)
+                self._peft.base_model.enable_adapter_layers()
+        self._active_lora = name
+
+    def unload_lora(self, name: str) -> None:
+        if name not in self._loras:
+            raise InvalidRequestError(f"LoRA `{name}` is not loaded on `{self.id}`.", param="lora")
+        if self._active_lora == name:
+            self.set_lora(None)
+        self._loras.discard(name)
+        if self._loras:
+            self._peft.delete_adapter(name)
+        else:  # the last one: take the LoRA layers out, back to the plain base modules
+            self._model = self._peft.unload()
+            self._peft = None
+
+    def loras(self) -> tuple[list[str], str | None]:
+        return sorted(self._loras), self._active_lora
+
+    # --- memory ----------------------------------------------------------------------------
+    def memory_estimate(self) -> int:
+        """Weights (parameter count x the dtype they load as) + a KV cache for the whole context."""
+        try:
+            folder, gguf_file = self._files()
+            target = self.manifest.params.get("dtype")
+            if gguf_file:
+                n_params, stored, shape = gguf_shape(folder / gguf_file)
+            else:
+                n_params, stored = safetensors_params(folder)
+                shape = _read_json(folder / "config.json")
+            width = _TORCH_DTYPES.get(target, 4 if target in (None, "default") else stored)
+        except (OSError, ValueError, KeyError, ModelLoadError, EOFError):
+            return 0  # the load says what is wrong
+        return n_params * width + kv_cache_bytes(shape, self.manifest.context_length, width) + (64 << 20)
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
