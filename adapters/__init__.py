@@ -13,6 +13,7 @@ BACKENDS = {
     "llama_cpp": "adapters.llama_cpp:LlamaCppAdapter",
     "hf_transformers": "adapters.hf_transformers:HFTransformersAdapter",
     "vllm_remote": "adapters.vllm_remote:VllmRemoteAdapter",
+    "victor_custom": "adapters.victor_custom:VictorCustomAdapter",
     "onnx_runtime": "adapters.onnx_runtime:OnnxRuntimeAdapter",
 }
 

@@ -29,6 +29,7 @@ __all__ = ["Manifest", "ModelRecord", "Registry", "resolve_source", "Rejection",
 log = logging.getLogger("omniloader.registry")
 
 BUILTIN_DIR = Path(__file__).parent / "builtin_models"
+VICTOR_DIR = Path(__file__).resolve().parents[1] / "victor"  # the example custom backend (victor/manifest.yaml)
 MANIFEST_NAMES = ("manifest.yaml", "manifest.yml", "manifest.json")
 DEFAULT_ALIAS = "default"
 ROLE_PREFIX = "role:"
@@ -184,8 +185,9 @@ class Registry:
     plus (with a lab_dir) their persistent state: hashes, locks, usage."""
 
     def __init__(self, models_dir: Path, default_model: str = "smollm2-135m-instruct",
-                 lab_dir: Path | None = None) -> None:
+                 lab_dir: Path | None = None, victor_dir: Path | None = VICTOR_DIR) -> None:
         self.models_dir = Path(models_dir)
+        self.victor_dir = Path(victor_dir) if victor_dir is not None else None  # None: not scanned
         self.default_model = default_model
         self._records: dict[str, ModelRecord] = {}
         self._aliases: dict[str, str] = {}
@@ -204,6 +206,11 @@ class Registry:
                     manifest_dirs.add(path.parent)
                     self._add(records, self._load_manifest(path, "curated"))
             self._discover(records, manifest_dirs)
+        if self.victor_dir is not None:  # a curated manifest in models/ with the same id wins
+            for path in (self.victor_dir / name for name in MANIFEST_NAMES):
+                if path.is_file():
+                    self._add(records, self._load_manifest(path, "curated"))
+                    break
         self._records = records
         self._aliases = self._build_aliases(records)
         self.scanned_at = int(time.time())
