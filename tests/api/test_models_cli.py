@@ -54,7 +54,9 @@ def test_list_json_shows_builtin_discovered_and_curated_models(work):
     out = cli(work, "list", "--json")
     assert out.returncode == 0, out.stderr
     by_id = {m["id"]: m for m in json.loads(out.stdout)}
-    assert set(by_id) == {"smollm2-135m-instruct", "loose-smol", "tooled-smol"}
+    # the built-ins (default, all-minilm-l6-v2) and the repo's victor/ example come along
+    assert set(by_id) == {"smollm2-135m-instruct", "all-minilm-l6-v2", "victor", "loose-smol", "tooled-smol"}
+    assert by_id["all-minilm-l6-v2"]["origin"] == "builtin" and by_id["all-minilm-l6-v2"]["roles"] == ["embed"]
     assert by_id["smollm2-135m-instruct"]["default"] and by_id["smollm2-135m-instruct"]["origin"] == "builtin"
     assert by_id["loose-smol"]["origin"] == "discovered" and by_id["loose-smol"]["backend"] == "llama_cpp"
     assert by_id["tooled-smol"]["capabilities"] == ["chat", "tools", "vision"]
