@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 from openai import OpenAI
 
@@ -267,8 +268,6 @@ def _adapter(source: str, defaults: dict | None = None):
 def _chat(adapter, body: dict):
     from server.protocol.chat import ChatCompletionRequest
     from server.serving.generation import chat_params
-
-    import msgspec
 
     req = msgspec.json.decode(json.dumps({"model": "rec", **body}), type=ChatCompletionRequest)
     return list(adapter.generate(chat_params(req, adapter.manifest.defaults), threading.Event()))
