@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from server.errors import CapabilityNotSupported
+from server.errors import CapabilityNotSupported, ContextLengthExceeded
 
 __all__ = ["Capability", "GenerateParams", "Usage", "TopLogprob", "TokenLogprob", "ToolCallPiece", "Delta", "Adapter"]
 
@@ -118,6 +118,16 @@ class Adapter:
 
     def context_length(self) -> int:
         raise CapabilityNotSupported(f"Model `{self.id}` does not report a context length.")
+
+    def generation_budget(self, n_prompt: int, max_tokens: int | None, param: str) -> int:
+        """How many tokens may be generated; a request that cannot fit is refused, never truncated."""
+        n_ctx = self.context_length()
+        if n_prompt >= n_ctx or (max_tokens is not None and n_prompt + max_tokens > n_ctx):
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+                f"{n_prompt + (max_tokens or 0)} tokens ({n_prompt} in the messages, {max_tokens or 0} in the "
+                "completion). Please reduce the length of the messages or completion.", param=param)
+        return max_tokens if max_tokens is not None else n_ctx - n_prompt
 
     def generate(self, params: GenerateParams, cancel: threading.Event) -> Iterator[Delta]:
         raise CapabilityNotSupported(f"Model `{self.id}` cannot generate text.", param="model")

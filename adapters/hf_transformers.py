@@ -211,16 +211,6 @@ class HFTransformersAdapter(Adapter):
                                          "(fill in the middle).", param="suffix")
         return self._tokenizer(params.prompt or "", add_special_tokens=True)["input_ids"]
 
-    def _check_context(self, n_prompt: int, max_tokens: int | None, param: str) -> int:
-        """How many tokens may be generated; a request that cannot fit is refused, never truncated."""
-        n_ctx = self._n_ctx
-        if n_prompt >= n_ctx or (max_tokens is not None and n_prompt + max_tokens > n_ctx):
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {n_ctx} tokens. However, you requested "
-                f"{n_prompt + (max_tokens or 0)} tokens ({n_prompt} in the messages, {max_tokens or 0} in the "
-                "completion). Please reduce the length of the messages or completion.", param=param)
-        return max_tokens if max_tokens is not None else n_ctx - n_prompt
-
     # --- generation ------------------------------------------------------------------------
     def _step(self, ids: list[int], cache):
         """Feed ids after what the cache holds; the last position's logits (float32, CPU) and the cache."""
@@ -243,7 +233,7 @@ class HFTransformersAdapter(Adapter):
         import torch
 
         prompt = self.prompt_tokens(params)
-        max_new = self._check_context(len(prompt), params.max_tokens,
+        max_new = self.generation_budget(len(prompt), params.max_tokens,
                                       "messages" if params.messages is not None else "prompt")
         if params.logprobs or params.top_logprobs:
             self._require(Capability.LOGPROBS, "logprobs")
@@ -292,7 +282,7 @@ class HFTransformersAdapter(Adapter):
 
         self._require(Capability.LOGPROBS, "echo")
         tokens = self.prompt_tokens(GenerateParams(prompt=prompt))
-        self._check_context(len(tokens), 0, "prompt")
+        self.generation_budget(len(tokens), 0, "prompt")
         if not tokens:
             return []
         first = self._piece(tokens[0])

@@ -191,7 +191,7 @@ class LlamaCppAdapter(Adapter):
         import llama_cpp
 
         prompt = self.prompt_tokens(params)
-        max_new = self._check_context(len(prompt), params.max_tokens,
+        max_new = self.generation_budget(len(prompt), params.max_tokens,
                                       "messages" if params.messages is not None else "prompt")
         grammar = self._grammar(params.json_schema) if params.json_schema is not None else None
         llm = self._llm
@@ -253,7 +253,7 @@ class LlamaCppAdapter(Adapter):
 
         llm = self._llm
         tokens = self.prompt_tokens(GenerateParams(prompt=prompt))
-        self._check_context(len(tokens), 0, "prompt")
+        self.generation_budget(len(tokens), 0, "prompt")
         llm.reset()  # the KV cache is rebuilt here; the next generate() evaluates from scratch
         llm._ctx.kv_cache_clear()
         first = self._piece(tokens[0]) if tokens else b""
@@ -332,19 +332,6 @@ class LlamaCppAdapter(Adapter):
                 n = llama_cpp.llama_token_to_piece(self._llm._model.vocab, token, buf, len(buf), 0, False)
             piece = self._pieces[token] = buf.raw[:n]
         return piece
-
-    def _check_context(self, n_prompt: int, max_tokens: int | None, param: str) -> int:
-        """How many tokens may be generated; a request that cannot fit is refused, never truncated."""
-        n_ctx = self._llm.n_ctx()
-        if n_prompt >= n_ctx or (max_tokens is not None and n_prompt + max_tokens > n_ctx):
-            wanted = n_prompt + (max_tokens or 0)
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {n_ctx} tokens. However, you requested "
-                f"{wanted} tokens ({n_prompt} in the messages, {max_tokens or 0} in the completion). "
-                "Please reduce the length of the messages or completion.",
-                param=param,
-            )
-        return max_tokens if max_tokens is not None else n_ctx - n_prompt
 
     def memory_estimate(self) -> int:
         try:

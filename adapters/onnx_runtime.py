@@ -22,7 +22,7 @@ import numpy as np
 from adapters.base import Adapter, Capability, Delta, GenerateParams, TokenLogprob, Usage
 from adapters.logprobs import token_logprob
 from adapters.text import StopBuffer, Utf8Stream
-from server.errors import CapabilityNotSupported, ContextLengthExceeded, InvalidRequestError, ModelLoadError
+from server.errors import CapabilityNotSupported, InvalidRequestError, ModelLoadError
 from server.hardware import physical_cores
 
 __all__ = ["OnnxRuntimeAdapter", "Sampler", "find_onnx_file"]
@@ -348,7 +348,7 @@ class OnnxRuntimeAdapter(Adapter):
             raise CapabilityNotSupported(f"Model `{self.id}` (backend onnx_runtime) does not support `json_schema`.",
                                          param="response_format")
         prompt = self.prompt_tokens(params)
-        max_new = self._check_context(len(prompt), params.max_tokens,
+        max_new = self.generation_budget(len(prompt), params.max_tokens,
                                       "messages" if params.messages is not None else "prompt")
         sampler = Sampler(params, self._n_vocab, self._eos, prompt)
         want_logprobs = params.logprobs or params.top_logprobs > 0
@@ -381,23 +381,13 @@ class OnnxRuntimeAdapter(Adapter):
 
     def score_prompt(self, prompt: str, top: int) -> list[TokenLogprob]:
         tokens = self.prompt_tokens(GenerateParams(prompt=prompt))
-        self._check_context(len(tokens), 0, "prompt")
+        self.generation_budget(len(tokens), 0, "prompt")
         first = self.piece(tokens[0])
         scored = [TokenLogprob(first.decode("utf-8", errors="replace"), None, list(first))]
         logits, _ = self.prefill(tokens, keep_all=True)
         for i, token in enumerate(tokens[1:]):
             scored.append(token_logprob(logits[i], token, top, self.piece))
         return scored
-
-    def _check_context(self, n_prompt: int, max_tokens: int | None, param: str) -> int:
-        """How many tokens may be generated; a request that cannot fit is refused, never truncated."""
-        n_ctx = self.context_length()
-        if n_prompt >= n_ctx or (max_tokens is not None and n_prompt + max_tokens > n_ctx):
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {n_ctx} tokens. However, you requested "
-                f"{n_prompt + (max_tokens or 0)} tokens ({n_prompt} in the messages, {max_tokens or 0} in the "
-                "completion). Please reduce the length of the messages or completion.", param=param)
-        return max_tokens if max_tokens is not None else n_ctx - n_prompt
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

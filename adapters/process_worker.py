@@ -164,7 +164,7 @@ class RunnerProcess:
         try:
             self._conn.send(("cancel",))
             deadline = time.monotonic() + self.timeout
-            while (msg := self._recv(deadline))[0] in ("piece", "info"):
+            while self._recv(deadline)[0] in ("piece", "info"):
                 pass
         except RunnerFailure:
             self.kill()  # the next request starts a fresh process
