@@ -37,6 +37,14 @@ async def load_events(router: ModelRouter, model_id: str) -> AsyncIterator[bytes
     loading = asyncio.ensure_future(router.load(model_id, progress=updates.put_nowait))
     yield report("loading", 0.0)
     sent = 0.0
+
+    def worth_reporting(fraction: float) -> bool:
+        nonlocal sent
+        if fraction - sent >= STEP and fraction < 1.0:
+            sent = fraction
+            return True
+        return False
+
     try:
         while not loading.done():
             getter = asyncio.ensure_future(updates.get())
@@ -44,11 +52,12 @@ async def load_events(router: ModelRouter, model_id: str) -> AsyncIterator[bytes
             if not getter.done():
                 getter.cancel()
                 continue
-            fraction = getter.result()
-            if fraction - sent >= STEP and fraction < 1.0:
-                sent = fraction
+            if worth_reporting(fraction := getter.result()):
                 yield report("loading", fraction)
         loading.result()
+        while not updates.empty():  # reports that arrived with the end of the load are still news
+            if worth_reporting(fraction := updates.get_nowait()):
+                yield report("loading", fraction)
         yield report("loaded", 1.0)
     except Exception as exc:
         yield error_event(exc)
