@@ -14,7 +14,7 @@ import numpy as np
 
 from server.gguf_header import _string, _value
 
-__all__ = ["DEFAULT_CONTEXT", "fast_gguf_reads", "gguf_shape", "kv_cache_bytes", "safetensors_params"]
+__all__ = ["DEFAULT_CONTEXT", "fast_gguf_reads", "gguf_shape", "kv_cache_bytes", "read_json", "safetensors_params"]
 
 DEFAULT_CONTEXT = 4096
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -102,3 +102,12 @@ def gguf_shape(path: Path) -> tuple[int, int, dict[str, Any]]:
               "hidden_size": meta.get(f"{arch}.embedding_length", 0),
               "max_position_embeddings": meta.get(f"{arch}.context_length", DEFAULT_CONTEXT)}
     return n_params, 4, config
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a model folder's config file; {} when absent or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -6,7 +6,6 @@ Nothing here touches the network: transformers and huggingface_hub run offline a
 from_pretrained() is local_files_only."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -16,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from adapters.base import Adapter, Capability, Delta, GenerateParams, TokenLogprob, Usage
-from adapters.hf_files import DEFAULT_CONTEXT, fast_gguf_reads, gguf_shape, kv_cache_bytes, safetensors_params
+from adapters.hf_files import (
+    DEFAULT_CONTEXT,
+    fast_gguf_reads,
+    gguf_shape,
+    kv_cache_bytes,
+    read_json,
+    safetensors_params,
+)
 from adapters.hf_sampling import Sampler, constraints_available, token_bytes_table
 from adapters.logprobs import token_logprob
 from adapters.text import StopBuffer, Utf8Stream
@@ -47,14 +53,6 @@ def _offline() -> None:
     """Weights come from local paths only: no hub look-ups, downloads or telemetry, whatever the
     environment says (every from_pretrained() below is also local_files_only)."""
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 class HFTransformersAdapter(Adapter):
@@ -118,7 +116,7 @@ class HFTransformersAdapter(Adapter):
         threads = self.manifest.params.get("threads") or getattr(self.settings, "threads", None)
         if threads:
             torch.set_num_threads(int(threads))
-        config = _read_json(folder / "config.json")
+        config = read_json(folder / "config.json")
         architectures = config.get("architectures") or []
         self._causal = gguf_file is not None or not architectures or any(
             a.endswith(_GENERATIVE_HEADS) for a in architectures)
@@ -375,7 +373,7 @@ class HFTransformersAdapter(Adapter):
                 n_params, stored, shape = gguf_shape(folder / gguf_file)
             else:
                 n_params, stored = safetensors_params(folder)
-                shape = _read_json(folder / "config.json")
+                shape = read_json(folder / "config.json")
             width = _TORCH_DTYPES.get(target, 4 if target in (None, "default") else stored)
         except (OSError, ValueError, KeyError, ModelLoadError, EOFError):
             return 0  # the load says what is wrong

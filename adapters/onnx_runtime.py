@@ -8,7 +8,6 @@ whose outputs are `logits` and `present.{i}.key|value`; the tokenizer files and 
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import re
 import threading
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from adapters.base import Adapter, Capability, Delta, GenerateParams, TokenLogprob, Usage
+from adapters.hf_files import read_json
 from adapters.logprobs import token_logprob
 from adapters.text import StopBuffer, Utf8Stream
 from server.errors import CapabilityNotSupported, InvalidRequestError, ModelLoadError
@@ -52,14 +52,6 @@ def find_onnx_file(source: Path, preferred: str | None = None) -> Path:
     listed = ", ".join(str(p.relative_to(source)) for p in found) or "none"
     raise ModelLoadError(f"No decoder graph found in {source} (looked for {', '.join(names)}; .onnx files: "
                          f"{listed}). Name one with manifest `params: {{onnx_file: ...}}`.")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _kv_dims(config: dict[str, Any]) -> tuple[int, int]:
@@ -108,7 +100,7 @@ class OnnxRuntimeAdapter(Adapter):
         self._tokenizer = None
         self._sig: _Signature | None = None
         try:
-            self._config: dict[str, Any] = _read_json(self._folder() / "config.json")
+            self._config: dict[str, Any] = read_json(self._folder() / "config.json")
         except ModelLoadError:  # an uninstalled package:// source: load() reports it
             self._config = {}
         self._eos: list[int] = []
@@ -176,7 +168,7 @@ class OnnxRuntimeAdapter(Adapter):
     def _eos_ids(self, tok) -> list[int]:
         """Every id that ends a sequence: generation_config.json, config.json and the tokenizer's eos."""
         ids: set[int] = set()
-        for source in (_read_json(self._folder() / "generation_config.json").get("eos_token_id"),
+        for source in (read_json(self._folder() / "generation_config.json").get("eos_token_id"),
                        self._config.get("eos_token_id"), tok.eos_token_id):
             if isinstance(source, int):
                 ids.add(source)
