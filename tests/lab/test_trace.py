@@ -16,8 +16,13 @@ from lab_engines.model_access import attention_patterns
 from lab_engines.trace import TraceSpec, run_trace
 
 PROMPT = "The capital of France is a city named"
-PROMPT_16 = "The Eiffel Tower stands in Paris, the capital city of the country we call"  # 16 SmolLM2 tokens
-IG_TOLERANCE = 0.05  # relative completeness gap accepted at the defaults (measured 0.05-1.8%, 5 prompts)
+IG_TOLERANCE = 0.05  # relative completeness gap accepted at the defaults (measured 0.08-0.7%, 14 prompts)
+DEFAULT_MODEL_IG_PROMPTS = [
+    "The Eiffel Tower stands in Paris, the capital city of the country we call",  # 16 tokens
+    # bench/lab_bench.py's prompt: its path has narrow steps (gap 12% with the old 192-point cap)
+    "The quick brown fox jumps over the lazy dog while the farmer watches from the barn",
+    "def add(a, b):\n    return",  # code; the largest layer gap measured
+]
 
 
 def hooks(view) -> list:
@@ -82,19 +87,22 @@ def test_ig_matches_a_dense_midpoint_rule_tiny(tiny_view, job_ctx):
 
 
 @pytest.mark.slow
-def test_ig_completeness_at_defaults_default_model(default_view, job_ctx):
-    """The benchmark figure: default spec, SmolLM2-135M, a 16-token prompt (time printed, see -s)."""
-    assert len(default_view.encode(PROMPT_16)[0]) == 16
+@pytest.mark.parametrize("prompt", DEFAULT_MODEL_IG_PROMPTS)
+def test_ig_completeness_at_defaults_default_model(default_view, job_ctx, prompt):
+    """The default spec on SmolLM2-135M (time printed, see -s): the completeness gap is within tolerance, never
+    above the bound the engine reports, and the layer totals (a full cut of the path each) close too."""
     started = time.perf_counter()
-    r = run_trace(default_view, TraceSpec(prompt=PROMPT_16, plots=False), job_ctx)
+    r = run_trace(default_view, TraceSpec(prompt=prompt, plots=False), job_ctx)
     elapsed = time.perf_counter() - started
-    print(f"\nIG on SmolLM2-135M, 16 tokens, defaults: {elapsed:.1f} s, {r['n_points']} points, "
-          f"relative gap {r['relative_gap']:.2e}, delta {r['delta']:.3f}, target {r['target']!r}")
+    print(f"\nIG on SmolLM2-135M, {len(r['tokens'])} tokens, defaults: {elapsed:.1f} s, {r['n_points']} points, "
+          f"relative gap {r['relative_gap']:.2e} (bound {r['gap_bound']:.2e}), layers {r['layer_relative_gap']:.2e}")
     assert r["relative_gap"] < IG_TOLERANCE
+    assert r["relative_gap"] <= r["gap_bound"] + 1e-9  # |sum of panel errors| <= sum of |panel errors|
     # layer conductance shares the token path's nodes but integrates dh/dt interpolated between them:
-    # measured 3.6% here at the defaults (token gap 1.4%; 5.9% vs 2.6% at 128 points), so a looser bound
+    # measured 0.2-6.1% over fourteen prompts (0.4%, 0.9% and 6.1% on these three), so a looser bound
     assert r["layer_relative_gap"] < 2 * IG_TOLERANCE
-    assert len(r["layer_attributions"]) == 30 and np.array(r["head_attributions"]).shape == (30, 9)
+    assert r["n_points"] <= 512 and len(r["layer_attributions"]) == 30
+    assert np.array(r["head_attributions"]).shape == (30, 9)
 
 
 def test_attribution_is_exactly_zero_when_baseline_is_input(tiny_view, job_ctx):
