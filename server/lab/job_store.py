@@ -1,14 +1,14 @@
 """Lab jobs in SQLite (lab/jobs.sqlite3): spec, status, progress, timings, result and error survive
-a restart. Each call opens its own short-lived connection, so any thread may use the store."""
+a restart. Any thread may use the store (server.storage.sqlite_file)."""
 from __future__ import annotations
 
-import sqlite3
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import msgspec
+
+from server.storage.sqlite_file import SqliteFile
 
 __all__ = ["ACTIVE", "TERMINAL", "JobRow", "JobStore"]
 
@@ -80,36 +80,15 @@ def _row(values: tuple) -> JobRow:
 
 class JobStore:
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._ready = False
-        self._init_lock = threading.Lock()
-
-    def _connect(self) -> sqlite3.Connection:
-        if not self._ready:
-            with self._init_lock:
-                if not self._ready:
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
-                    conn = sqlite3.connect(self.path, timeout=10.0)
-                    with conn:
-                        conn.executescript(_SCHEMA)
-                    conn.close()
-                    self._ready = True
-        return sqlite3.connect(self.path, timeout=10.0)
+        self._db = SqliteFile(path, _SCHEMA)
 
     def _write(self, sql: str, args: tuple) -> int:
-        conn = self._connect()
-        try:
-            with conn:  # one transaction: a row changes whole or not at all
-                return conn.execute(sql, args).rowcount
-        finally:
-            conn.close()
+        with self._db.transaction() as conn:
+            return conn.execute(sql, args).rowcount
 
     def _read(self, sql: str, args: tuple = ()) -> list[JobRow]:
-        conn = self._connect()
-        try:
+        with self._db.transaction() as conn:
             return [_row(r) for r in conn.execute(f"SELECT {_COLUMNS} FROM jobs {sql}", args).fetchall()]
-        finally:
-            conn.close()
 
     def create(self, job_id: str, kind: str, model: str, spec: dict[str, Any]) -> JobRow:
         now = time.time()

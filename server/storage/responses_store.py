@@ -1,15 +1,15 @@
 """Stored Responses (`store: true`) in SQLite: what `previous_response_id` and GET/DELETE read.
 
-The store knows rows, not API types: the caller hands it JSON already encoded. Each call opens
-its own connection in a worker thread, so the event loop never waits on the disk and no
-connection is shared between threads."""
+The store knows rows, not API types: the caller hands it JSON already encoded. Each call runs in
+a worker thread on its own connection (server.storage.sqlite_file), so the event loop never
+waits on the disk."""
 from __future__ import annotations
 
 import asyncio
-import sqlite3
-import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+from server.storage.sqlite_file import SqliteFile
 
 __all__ = ["StoredResponse", "ResponseStore"]
 
@@ -36,47 +36,22 @@ class StoredResponse:
 
 class ResponseStore:
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._ready = False
-        self._init_lock = threading.Lock()
-
-    def _connect(self) -> sqlite3.Connection:
-        if not self._ready:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=10.0)
-        if not self._ready:
-            with self._init_lock:
-                if not self._ready:
-                    with conn:
-                        conn.execute(_SCHEMA)
-                    self._ready = True
-        return conn
+        self._db = SqliteFile(path, _SCHEMA)
 
     def _save(self, row: StoredResponse) -> None:
-        conn = self._connect()
-        try:
-            with conn:  # one transaction: the row is there whole or not at all
-                conn.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?)",
-                             (row.id, row.created_at, row.model, row.messages, row.output, row.response))
-        finally:
-            conn.close()
+        with self._db.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?)",
+                         (row.id, row.created_at, row.model, row.messages, row.output, row.response))
 
     def _get(self, response_id: str) -> StoredResponse | None:
-        conn = self._connect()
-        try:
+        with self._db.transaction() as conn:
             found = conn.execute("SELECT id, created_at, model, messages, output, response FROM responses "
                                  "WHERE id = ?", (response_id,)).fetchone()
-        finally:
-            conn.close()
         return StoredResponse(*found) if found else None
 
     def _delete(self, response_id: str) -> bool:
-        conn = self._connect()
-        try:
-            with conn:
-                return conn.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount > 0
-        finally:
-            conn.close()
+        with self._db.transaction() as conn:
+            return conn.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount > 0
 
     async def save(self, row: StoredResponse) -> None:
         await asyncio.to_thread(self._save, row)
