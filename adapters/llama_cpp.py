@@ -16,6 +16,7 @@ from adapters.base import (
     TokenLogprob,
     Usage,
 )
+from adapters.llama_grammar import json_schema_grammar, lazy_grammar_llama
 from adapters.logprobs import token_logprob
 from adapters.text import StopBuffer, Utf8Stream
 from server.errors import (
@@ -69,12 +70,12 @@ def plain_cpu_buffers():
 
 
 def open_llama(model_path: str, *, extra_buffer_types: bool = False,
-               progress: Callable[[float], None] | None = None, **kwargs):
-    """`llama_cpp.Llama(...)`, safe on every CPU unless extra_buffer_types is asked for."""
+               progress: Callable[[float], None] | None = None, cls: type | None = None, **kwargs):
+    """`llama_cpp.Llama(...)` (or `cls(...)`, a subclass), safe on every CPU unless extra_buffer_types is asked for."""
     import llama_cpp
 
     with model_params(extra_buffer_types=extra_buffer_types, progress=progress):
-        return llama_cpp.Llama(model_path=model_path, **kwargs)
+        return (cls or llama_cpp.Llama)(model_path=model_path, **kwargs)
 
 
 class LlamaCppAdapter(Adapter):
@@ -104,6 +105,7 @@ class LlamaCppAdapter(Adapter):
                 str(path),
                 extra_buffer_types=bool(params.get("extra_buffer_types", False)),
                 progress=progress,
+                cls=lazy_grammar_llama(),  # JSON schema / tool grammars checked one token at a time
                 n_ctx=self.manifest.context_length or DEFAULT_CONTEXT,
                 n_threads=self.threads,
                 n_threads_batch=params.get("threads_batch") or self.threads,
@@ -272,13 +274,11 @@ class LlamaCppAdapter(Adapter):
 
     def _grammar(self, schema: dict):
         """A GBNF grammar for the JSON schema, compiled once per distinct schema."""
-        from llama_cpp.llama_grammar import LlamaGrammar
-
         key = json.dumps(schema, sort_keys=True)
         grammar = self._grammars.get(key)
         if grammar is None:
             try:
-                grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+                grammar = json_schema_grammar(schema)
             except Exception as exc:  # the converter raises plain errors for schemas it cannot express
                 raise InvalidRequestError(f"Invalid or unsupported JSON schema: {exc}",
                                           param="response_format") from None

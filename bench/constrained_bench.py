@@ -3,8 +3,8 @@
     python bench/constrained_bench.py [--tokens 128] [--runs 5]
 
 Both runs stream /v1/chat/completions greedily; the constrained one adds a response_format
-json_schema, which llama.cpp enforces with a grammar sampler on every token. Prints decode
-tokens/s for each (median, alternating runs) and their ratio.
+json_schema, a grammar each sampled token is checked against (adapters/llama_grammar.py). Prints
+decode tokens/s for each (median, alternating runs) and their ratio.
 """
 from __future__ import annotations
 
