@@ -17,6 +17,7 @@ from server.controllers.ops import ops_handlers
 from server.controllers.responses import ResponsesController
 from server.errors import exception_handlers
 from server.keep_alive import parse_keep_alive
+from server.lab.lab_models import RouterBudget
 from server.lab.service import Lab
 from server.memory import parse_size
 from server.metrics import Metrics
@@ -40,8 +41,10 @@ def create_app(settings: Settings | None = None, *, adapter_factory: AdapterFact
                           max_queue=settings.max_queue, keep_alive=parse_keep_alive(settings.keep_alive))
     metrics = Metrics()
     router = ModelRouter(registry, adapter_factory, config, metrics=metrics)
+    lab_budget = RouterBudget(router)  # the Lab's torch copies count against --max-memory too
     lab = Lab(registry, Path(settings.lab_dir), adapter_factory, jobs_per_model=settings.lab_jobs_per_model,
-              max_running=settings.lab_max_running, max_copies=settings.lab_max_copies)
+              max_running=settings.lab_max_running, max_copies=settings.lab_max_copies, budget=lab_budget)
+    router.add_reclaimer(lab.models.reclaim_idle)
     background: set[asyncio.Task] = set()
 
     def on_startup() -> None:
@@ -53,6 +56,7 @@ def create_app(settings: Settings | None = None, *, adapter_factory: AdapterFact
                  settings.host, settings.port, settings.default_model, names,
                  f" | invalid manifests: {', '.join(bad)}" if bad else "", config.max_memory >> 20)
         background.add(asyncio.get_running_loop().create_task(router.reaper()))
+        lab_budget.loop = asyncio.get_running_loop()
         lab.queue.start()
 
     async def on_shutdown() -> None:

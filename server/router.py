@@ -1,10 +1,14 @@
 """ModelRouter: resolves a request's model, keeps models resident under a memory budget, and
-hands out leases on a model's workers (parallel slots) with a bounded wait queue."""
+hands out leases on a model's workers (parallel slots) with a bounded wait queue.
+
+Memory held outside the router (the Lab's torch copies) counts against the same budget through
+reserve()/release(); reclaimers free the idle part of it when a load needs room."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -100,6 +104,9 @@ class ModelRouter:
         self._loading: set[str] = set()
         self._load_errors: dict[str, str] = {}
         self._load_lock = asyncio.Lock()
+        self._reserved: dict[str, int] = {}  # key -> bytes held outside the router
+        self._reserved_lock = threading.Lock()  # release() comes from any thread
+        self._reclaimers: list[Callable[[], bool]] = []
 
     # --- state -----------------------------------------------------------------------------
     def state(self, model_id: str) -> str:
@@ -122,7 +129,32 @@ class ModelRouter:
         return self._clock()
 
     def used_memory(self) -> int:
-        return sum(r.memory for r in self._resident.values())
+        return sum(r.memory for r in self._resident.values()) + self.reserved_memory()
+
+    def reserved_memory(self) -> int:
+        with self._reserved_lock:
+            return sum(self._reserved.values())
+
+    # --- memory held outside the router ----------------------------------------------------
+    def add_reclaimer(self, reclaim: Callable[[], bool]) -> None:
+        """reclaim() frees one idle holder of reserved memory (releasing its reservation) and says whether it
+        did; called on the event loop before idle models are evicted."""
+        self._reclaimers.append(reclaim)
+
+    async def reserve(self, key: str, nbytes: int, what: str) -> None:
+        """Count nbytes under `key` in the budget, evicting idle models first as a load would."""
+        if nbytes > self.config.max_memory:
+            raise InsufficientMemory(f"{what} needs about {nbytes >> 20} MiB, more than the whole budget of "
+                                     f"{self.config.max_memory >> 20} MiB (--max-memory).")
+        async with self._load_lock:
+            await self._make_room(nbytes, what)
+            with self._reserved_lock:
+                self._reserved[key] = nbytes
+        log.info("reserved %d MiB for %s", nbytes >> 20, what)
+
+    def release(self, key: str) -> None:
+        with self._reserved_lock:
+            self._reserved.pop(key, None)
 
     # --- requests --------------------------------------------------------------------------
     async def acquire(self, name: str, *, keep_alive: str | float | None = None,
@@ -231,7 +263,7 @@ class ModelRouter:
         if estimate > self.config.max_memory:
             raise InsufficientMemory(f"Model `{record.id}` needs about {estimate >> 20} MiB, more than the whole "
                                      f"budget of {self.config.max_memory >> 20} MiB (--max-memory).")
-        await self._make_room(estimate)
+        await self._make_room(estimate, f"Model `{record.id}`")
         started, before = time.perf_counter(), self._probe()
         workers: list[ModelWorker] = []
         try:
@@ -257,11 +289,17 @@ class ModelRouter:
                  seconds, estimate >> 20, resident.measured >> 20)
         return resident
 
-    async def _make_room(self, needed: int) -> None:
-        """Evict idle models (earliest to expire first: least recently used with the shortest
-        keep-alive) until `needed` fits; a busy model is marked and waited for, never cut off."""
-        while self._resident and (self.used_memory() + needed > self.config.max_memory
-                                  or len(self._resident) >= self.config.max_loaded):
+    async def _make_room(self, needed: int, what: str) -> None:
+        """Free idle reserved memory, then evict idle models (earliest to expire first: least recently
+        used with the shortest keep-alive) until `needed` fits; a busy model is marked and waited for,
+        never cut off. Memory that busy reservations hold cannot be waited for: 507."""
+        while self.used_memory() + needed > self.config.max_memory or len(self._resident) >= self.config.max_loaded:
+            if self.used_memory() + needed > self.config.max_memory and any(r() for r in self._reclaimers):
+                continue
+            if not self._resident:
+                raise InsufficientMemory(
+                    f"{what} needs about {needed >> 20} MiB; running Lab jobs hold {self.reserved_memory() >> 20} "
+                    f"MiB of the {self.config.max_memory >> 20} MiB budget (--max-memory). Retry when they finish.")
             idle = [r for r in self._resident.values() if not r.busy]
             if idle:
                 self._unload(min(idle, key=self._eviction_order), "evicted")

@@ -14,7 +14,7 @@ from litestar.response import File, Stream
 from server.controllers.auth import require_api_key
 from server.lab.artifacts import artifact_file, list_artifacts
 from server.lab.service import JobNotFound, Lab
-from server.protocol.lab import ArtifactList, LabJob, LabJobList, SnapshotList
+from server.protocol.lab import ArtifactList, LabJob, LabJobList, LabModelCopy, LabModelList, SnapshotList
 from server.serving.sse import DONE, SSE_HEADERS, event
 
 __all__ = ["LabController"]
@@ -67,6 +67,13 @@ class LabController(Controller):
             return Response(path.read_text(), media_type=_MEDIA[".md"])
         return Response({"model": row.model, "job": row.id, "created_at": row.created_at, "spec": row.spec,
                          "report": row.result, "artifacts": lab.job(row).artifacts})
+
+    @get("/models")
+    async def models(self, request: Request) -> LabModelList:
+        router = request.app.state.router
+        copies = [LabModelCopy(**c) for c in _lab(request).models.copies()]
+        return LabModelList(data=copies, memory_budget_bytes=router.config.max_memory,
+                            memory_used_bytes=router.used_memory())
 
     @get("/snapshots", sync_to_thread=True)
     def snapshots(self, request: Request, model: FromQuery[str | None] = None) -> SnapshotList:

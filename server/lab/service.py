@@ -11,7 +11,7 @@ from server.errors import InvalidRequestError, OpenAIError, decode_body
 from server.lab.artifacts import ARTIFACTS_URL
 from server.lab.job_queue import JobQueue
 from server.lab.job_store import JobRow, JobStore
-from server.lab.lab_models import LabModels, lab_record
+from server.lab.lab_models import LabModels, MemoryBudget, lab_record
 from server.protocol.lab import LabJob, Snapshot
 from server.registry import Registry
 
@@ -32,11 +32,11 @@ class LabUnavailable(OpenAIError):
 
 class Lab:
     def __init__(self, registry: Registry, lab_dir: Path, adapter_factory, *, jobs_per_model: int = 1,
-                 max_running: int = 2, max_copies: int = 1) -> None:
+                 max_running: int = 2, max_copies: int = 1, budget: MemoryBudget | None = None) -> None:
         self.registry = registry
         self.lab_dir = Path(lab_dir)
         self.store = JobStore(self.lab_dir / "jobs.sqlite3")
-        self.models = LabModels(registry, adapter_factory, max_copies=max_copies)
+        self.models = LabModels(registry, adapter_factory, max_copies=max_copies, budget=budget)
         self.queue = JobQueue(self.store, self.models, self.lab_dir, jobs_per_model=jobs_per_model,
                               max_running=max_running)
 

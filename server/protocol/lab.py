@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 import msgspec
 
-__all__ = ["Artifact", "ArtifactList", "LabJob", "LabJobList", "Snapshot", "SnapshotList"]
+__all__ = ["Artifact", "ArtifactList", "LabJob", "LabJobList", "LabModelCopy", "LabModelList", "Snapshot", "SnapshotList"]
 
 
 class LabJob(msgspec.Struct, kw_only=True, omit_defaults=False):
@@ -58,4 +58,19 @@ class Snapshot(msgspec.Struct, kw_only=True):
 
 class SnapshotList(msgspec.Struct):
     data: list[Snapshot]
+    object: Literal["list"] = "list"
+
+
+class LabModelCopy(msgspec.Struct):
+    model: str
+    state: Literal["busy", "idle"]  # busy: a job has it checked out
+    memory_bytes: int  # what it holds of the memory budget (--max-memory)
+    idle_s: float
+
+
+class LabModelList(msgspec.Struct):
+    """GET /lab/models: the Lab's loaded torch copies, and the budget they share with served models."""
+    data: list[LabModelCopy]
+    memory_budget_bytes: int
+    memory_used_bytes: int  # served models and Lab copies together
     object: Literal["list"] = "list"

@@ -330,3 +330,77 @@ def test_closing_a_stream_cancels_generation_and_skips_queued_jobs(tmp_path):
     asyncio.run(main())
     assert ("start", "gone") not in log
     assert ("end", "long") not in log  # cut off mid-way, its generator closed by the worker
+
+
+# --- memory held outside the router (the Lab's copies) ----------------------------------------
+class FakeLabCopies:
+    """Holders of reserved memory as LabModels is one: idle ones can be reclaimed."""
+
+    def __init__(self, router, log):
+        self.router, self.log, self.idle = router, log, []
+
+    def reclaim(self) -> bool:
+        if not self.idle:
+            return False
+        key = self.idle.pop(0)
+        self.log.append(("reclaim", key))
+        self.router.release(key)
+        return True
+
+
+def test_a_reservation_evicts_idle_models_and_counts_in_the_budget(tmp_path):
+    log = []
+
+    async def main():
+        router, clock = make_router(tmp_path, log, budget=250 * MiB)
+        for name in ("a", "b"):
+            (await router.acquire(name)).release()
+            clock.now += 10
+        await router.reserve("lab:a:1", 100 * MiB, "a Lab copy")  # 300 > 250: a (least recent) goes
+        assert router.resident() == ["b"] and router.used_memory() == 200 * MiB
+        assert router.reserved_memory() == 100 * MiB
+        router.release("lab:a:1")
+        router.release("lab:a:1")  # twice is harmless
+        assert router.used_memory() == 100 * MiB
+        await router.close()
+
+    asyncio.run(main())
+    assert ("unload", "a") in log and ("unload", "b") in log
+
+
+def test_a_load_reclaims_idle_reserved_memory_before_evicting_models(tmp_path):
+    log = []
+
+    async def main():
+        router, clock = make_router(tmp_path, log, budget=250 * MiB)
+        lab = FakeLabCopies(router, log)
+        router.add_reclaimer(lab.reclaim)
+        (await router.acquire("a")).release()
+        await router.reserve("lab:x:1", 100 * MiB, "a Lab copy")
+        lab.idle.append("lab:x:1")
+        (await router.acquire("b")).release()  # 300 > 250: the idle copy goes, a stays
+        assert sorted(router.resident()) == ["a", "b"] and router.reserved_memory() == 0
+        assert ("reclaim", "lab:x:1") in log and not [e for e in log if e[0] == "unload"]
+        await router.close()
+
+    asyncio.run(main())
+
+
+def test_busy_reserved_memory_that_leaves_no_room_is_a_507_and_nothing_is_lost(tmp_path):
+    log = []
+
+    async def main():
+        router, _ = make_router(tmp_path, log, budget=250 * MiB)
+        router.add_reclaimer(FakeLabCopies(router, log).reclaim)  # nothing idle to give back
+        await router.reserve("lab:x:1", 200 * MiB, "a Lab copy")
+        with pytest.raises(InsufficientMemory, match="running Lab jobs hold 200 MiB"):
+            await router.acquire("a")
+        with pytest.raises(InsufficientMemory, match="more than the whole budget"):
+            await router.reserve("lab:y:1", 300 * MiB, "another copy")
+        assert router.reserved_memory() == 200 * MiB
+        router.release("lab:x:1")
+        (await router.acquire("a")).release()  # fits once the job is done
+        assert router.resident() == ["a"]
+        await router.close()
+
+    asyncio.run(main())
