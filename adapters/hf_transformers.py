@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapters.base import Adapter, Capability, Delta, GenerateParams, TokenLogprob, Usage
+from adapters.base import Adapter, Capability, Delta, GenerateParams, TokenLogprob
 from adapters.hf_files import (
     DEFAULT_CONTEXT,
     fast_gguf_reads,
@@ -25,7 +25,7 @@ from adapters.hf_files import (
 )
 from adapters.hf_sampling import Sampler, constraints_available, token_bytes_table
 from adapters.logprobs import token_logprob
-from adapters.text import StopBuffer, Utf8Stream
+from adapters.text import DeltaEmitter
 from server.errors import CapabilityNotSupported, ContextLengthExceeded, InvalidRequestError, ModelLoadError
 
 __all__ = ["HFTransformersAdapter", "TorchHandle"]
@@ -241,8 +241,7 @@ class HFTransformersAdapter(Adapter):
         constraint = self._constraint(params.json_schema)
         sampler = Sampler(params, self._eos)
         want_logprobs = params.logprobs or params.top_logprobs > 0
-        utf8, stops = Utf8Stream(), StopBuffer(params.stop)
-        history, produced, finish, stopped, pending = list(prompt), 0, "length", False, []
+        emit, finish, history = DeltaEmitter(params.stop), "length", list(prompt)
         with torch.inference_mode():
             logits, cache = self._step(prompt, None)
             while max_new > 0 and not cancel.is_set():
@@ -250,27 +249,20 @@ class HFTransformersAdapter(Adapter):
                 if token in self._eos and not params.ignore_eos:
                     finish = "stop"
                     break
-                produced += 1
                 history.append(token)
-                if want_logprobs:
-                    pending.append(token_logprob(logits.numpy(), token, params.top_logprobs, self._piece))
-                text, stopped = stops.push(utf8.push(self._piece(token)))
-                if text:
-                    yield Delta(text=text, logprobs=pending or None)
-                    pending = []
+                logprob = (token_logprob(logits.numpy(), token, params.top_logprobs, self._piece)
+                           if want_logprobs else None)
+                if delta := emit.push(self._piece(token), logprob):
+                    yield delta
                 if constraint is not None:
                     constraint.advance(token)
-                if stopped or (constraint is not None and constraint.complete):
+                if emit.stopped or (constraint is not None and constraint.complete):
                     finish = "stop"
                     break
-                if produced >= max_new or cancel.is_set():
+                if emit.produced >= max_new or cancel.is_set():
                     break
                 logits, cache = self._step([token], cache)
-        tail = ""
-        if not stopped:  # the last bytes may still complete a stop string
-            tail, stopped = stops.push(utf8.flush())
-            tail, finish = (tail, "stop") if stopped else (tail + stops.flush(), finish)
-        yield Delta(text=tail, finish_reason=finish, usage=Usage(len(prompt), produced), logprobs=pending or None)
+        yield emit.finish(finish, len(prompt))
 
     def _piece(self, token: int) -> bytes:
         return self._pieces[token]

@@ -14,11 +14,10 @@ from adapters.base import (
     Delta,
     GenerateParams,
     TokenLogprob,
-    Usage,
 )
 from adapters.llama_grammar import json_schema_grammar, lazy_grammar_llama
 from adapters.logprobs import token_logprob
-from adapters.text import StopBuffer, Utf8Stream
+from adapters.text import DeltaEmitter
 from server.errors import (
     CapabilityNotSupported,
     ContextLengthExceeded,
@@ -211,8 +210,7 @@ class LlamaCppAdapter(Adapter):
             grammar=grammar,
         )
         want_logprobs = params.logprobs or params.top_logprobs > 0
-        utf8, stops = Utf8Stream(), StopBuffer(params.stop)
-        produced, finish, stopped, pending_logprobs = 0, "length", False, []
+        emit, finish = DeltaEmitter(params.stop), "length"
         vocab = llm._model.vocab
         try:
             for token in tokens:
@@ -221,26 +219,14 @@ class LlamaCppAdapter(Adapter):
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
                     finish = "stop"
                     break
-                produced += 1
-                if want_logprobs:
-                    pending_logprobs.append(self._sampled_logprob(token, params.top_logprobs))
-                text, stopped = stops.push(utf8.push(self._piece(token)))
-                if text:
-                    yield Delta(text=text, logprobs=pending_logprobs or None)
-                    pending_logprobs = []
-                if stopped:
-                    finish = "stop"
-                    break
-                if produced >= max_new:
+                logprob = self._sampled_logprob(token, params.top_logprobs) if want_logprobs else None
+                if delta := emit.push(self._piece(token), logprob):
+                    yield delta
+                if emit.stopped or emit.produced >= max_new:
                     break
         finally:
             tokens.close()
-        tail = ""
-        if not stopped:  # the last bytes may still complete a stop string
-            tail, stopped = stops.push(utf8.flush())
-            tail, finish = (tail, "stop") if stopped else (tail + stops.flush(), finish)
-        yield Delta(text=tail, finish_reason=finish, usage=Usage(len(prompt), produced),
-                    logprobs=pending_logprobs or None)
+        yield emit.finish(finish, len(prompt))
 
     def _sampled_logprob(self, token: int, top: int) -> TokenLogprob:
         """Log-probability of the token just sampled, from the raw logits it was sampled from

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from adapters.base import Adapter, Capability, Delta, GenerateParams, TokenLogprob, Usage
+from adapters.base import Adapter, Capability, Delta, GenerateParams, TokenLogprob
 from adapters.hf_files import read_json
 from adapters.logprobs import token_logprob
-from adapters.text import StopBuffer, Utf8Stream
+from adapters.text import DeltaEmitter
 from server.errors import CapabilityNotSupported, InvalidRequestError, ModelLoadError
 from server.hardware import physical_cores
 
@@ -344,32 +344,22 @@ class OnnxRuntimeAdapter(Adapter):
                                       "messages" if params.messages is not None else "prompt")
         sampler = Sampler(params, self._n_vocab, self._eos, prompt)
         want_logprobs = params.logprobs or params.top_logprobs > 0
-        utf8, stops = Utf8Stream(), StopBuffer(params.stop)
-        produced, finish, stopped, pending = 0, "length", False, []
+        emit, finish = DeltaEmitter(params.stop), "length"
         tokens = self.decode(prompt, max_new, sampler, cancel)
         try:
             for token, logits in tokens:
                 if token in self._eos and not params.ignore_eos:
                     finish = "stop"
                     break
-                produced += 1
                 sampler.accept(token)
-                if want_logprobs:
-                    pending.append(token_logprob(logits, token, params.top_logprobs, self.piece))
-                text, stopped = stops.push(utf8.push(self.piece(token)))
-                if text:
-                    yield Delta(text=text, logprobs=pending or None)
-                    pending = []
-                if stopped:
-                    finish = "stop"
+                logprob = token_logprob(logits, token, params.top_logprobs, self.piece) if want_logprobs else None
+                if delta := emit.push(self.piece(token), logprob):
+                    yield delta
+                if emit.stopped:
                     break
         finally:
             tokens.close()
-        tail = ""
-        if not stopped:  # the last bytes may still complete a stop string
-            tail, stopped = stops.push(utf8.flush())
-            tail, finish = (tail, "stop") if stopped else (tail + stops.flush(), finish)
-        yield Delta(text=tail, finish_reason=finish, usage=Usage(len(prompt), produced), logprobs=pending or None)
+        yield emit.finish(finish, len(prompt))
 
     def score_prompt(self, prompt: str, top: int) -> list[TokenLogprob]:
         tokens = self.prompt_tokens(GenerateParams(prompt=prompt))

@@ -372,7 +372,7 @@ def test_a_load_reclaims_idle_reserved_memory_before_evicting_models(tmp_path):
     log = []
 
     async def main():
-        router, clock = make_router(tmp_path, log, budget=250 * MiB)
+        router, _ = make_router(tmp_path, log, budget=250 * MiB)
         lab = FakeLabCopies(router, log)
         router.add_reclaimer(lab.reclaim)
         (await router.acquire("a")).release()
