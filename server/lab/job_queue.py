@@ -3,10 +3,15 @@
 Jobs run on worker threads (never the event loop), FIFO, at most `jobs_per_model` at once per model
 (each running job holds its own Lab copy of the model) and `max_running` at once overall. Progress
 lives in memory for the SSE stream and is written to SQLite at most once a second; status changes
-are written at once. Cancellation is cooperative: the engine stops at its next ctx.check()."""
+are written at once. Cancellation is cooperative: the engine stops at its next ctx.check().
+
+Job threads run at a lower CPU priority (nice +JOB_NICENESS, Linux: per thread, inherited by the
+OpenMP threads torch starts from them), so chat keeps its speed while a job computes and the job
+takes the cores whenever chat is idle."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -27,6 +32,7 @@ log = logging.getLogger("omniloader.lab")
 
 STORE_DIR = "store"  # under the lab dir: data shared between jobs (snapshot blobs)
 PERSIST_EVERY = 1.0  # seconds between progress writes to SQLite
+JOB_NICENESS = 10
 
 
 class LiveJob:
@@ -139,6 +145,7 @@ class JobQueue:
         return None
 
     def _work(self) -> None:
+        _lower_priority()
         while (live := self._next()) is not None:
             try:
                 self._run(live)
@@ -195,3 +202,12 @@ class JobQueue:
             live.status = "done"
             if copy is not None:
                 self.models.checkin(copy)
+
+
+def _lower_priority() -> None:
+    """Nice this thread (and the threads it starts) by JOB_NICENESS; a no-op where threads cannot be niced."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + JOB_NICENESS, 19))
+    except (AttributeError, OSError) as exc:
+        log.debug("lab: job threads keep their priority (%s)", exc)
