@@ -28,23 +28,39 @@ def lazy_llama(default_gguf):
     llm.close()
 
 
-def generate(llm, prompt: str, schema: dict, temp: float = 0.0, seed: int = 0, limit: int = 150) -> list[int]:
+def generate(llm, prompt: str, schema: dict, temp: float = 0.0, seed: int = 0, limit: int = 150,
+             **sampling) -> list[int]:
     llm.set_seed(seed)
     out = []
-    for token in llm.generate(llm.tokenize(prompt.encode(), special=True), temp=temp, top_k=40, top_p=0.95,
-                              min_p=0.05, repeat_penalty=1.0, grammar=json_schema_grammar(schema)):
+    sampling = {"top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0} | sampling
+    for token in llm.generate(llm.tokenize(prompt.encode(), special=True), temp=temp,
+                              grammar=json_schema_grammar(schema), **sampling):
         if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token) or len(out) >= limit:
             break
         out.append(token)
     return out
 
 
-@pytest.mark.parametrize(("prompt", "schema"), [(chat("Make up a pet."), PET),
-                                                (chat("What's the weather in Paris?"), WEATHER)])
-def test_greedy_output_is_token_for_token_the_in_chain_grammars(raw_llama, lazy_llama, prompt, schema):
-    expected = generate(raw_llama, prompt, schema)  # llama-cpp-python's sampler: grammar over every token
-    got = generate(lazy_llama, prompt, schema)
+def bias_quotes_and_digits(input_ids, logits):
+    """A logit_bias-like processor: it changes which tokens greedy prefers, inside the chain."""
+    logits[[1, 2, 3, 17, 18, 19, 33, 34]] += 4.0
+    return logits
+
+
+PENALTIES = {"repeat_penalty": 1.3, "frequency_penalty": 0.4, "presence_penalty": -0.6,
+             "logits_processor": [bias_quotes_and_digits]}
+
+
+@pytest.mark.parametrize(("prompt", "schema", "sampling"), [
+    (chat("Make up a pet."), PET, {}),
+    (chat("What's the weather in Paris?"), WEATHER, {}),
+    (chat("Make up a pet."), PET, PENALTIES),  # logits changed in place before greedy picks
+])
+def test_greedy_output_is_token_for_token_the_in_chain_grammars(raw_llama, lazy_llama, prompt, schema, sampling):
+    expected = generate(raw_llama, prompt, schema, **sampling)  # llama-cpp-python's sampler: grammar over all
+    got = generate(lazy_llama, prompt, schema, **sampling)
     assert got == expected
+    assert lazy_llama._sampler.resampled > 0  # the shortlist path ran
     jsonschema.validate(json.loads(lazy_llama.detokenize(got)), schema)
 
 
