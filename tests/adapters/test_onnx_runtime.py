@@ -226,7 +226,13 @@ def test_unload_frees_the_model(server, export):
     cycle()  # the first load also imports onnxruntime and transformers, which stay
     before = _rss(server)
     loaded, after = cycle()
+    cycle()
+    _, after_more = cycle()
     weights = (Path(server.log_path).parent / "models" / MODEL / "model.onnx").stat().st_size
-    print(f"server RSS: {before >> 20} MiB before, {loaded >> 20} loaded, {after >> 20} after unload")
+    print(f"server RSS: {before >> 20} MiB before, {loaded >> 20} loaded, {after >> 20} after unload, "
+          f"{after_more >> 20} after two more cycles")
     assert loaded - before > weights // 2  # the model was really resident...
-    assert after - before < weights // 2  # ...and its memory went back (malloc keeps a few MB around)
+    # ...and its memory went back: most of what the load took (measured: 75 of 91 MiB; malloc keeps some), and
+    # nothing piles up over cycles (a model that stayed would add ~90 MiB a cycle)
+    assert after - before < (loaded - before) // 2
+    assert after_more - after < weights // 2
