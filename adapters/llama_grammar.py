@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import math
 from functools import lru_cache
 
 import numpy as np
@@ -56,7 +55,9 @@ def lazy_grammar_llama() -> type:
 class LazyGrammarSampler:
     """Stands in for llama-cpp-python's LlamaSampler in Llama.sample(): sample(ctx, idx) -> token."""
 
-    GREEDY_SHORTLIST = 1024  # greedy, on a rejection: the best tokens checked before all ~49k (15 of 85 rejections in bench/constrained_bench.py still need all)
+    # greedy, on a rejection: the best tokens checked before all ~49k (in bench/constrained_bench.py 15 of 85
+    # rejections still need all)
+    GREEDY_SHORTLIST = 1024
 
     def __init__(self, llm, chain, grammar, greedy: bool = False) -> None:
         import llama_cpp
@@ -71,7 +72,7 @@ class LazyGrammarSampler:
         dtype = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
         assert dtype.itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
         self._candidates = np.zeros(self._n_vocab, dtype=dtype)
-        self._one = llama_cpp.llama_token_data()
+        self._one = np.zeros(1, dtype=dtype)
         self._greedy = greedy
         self._shortlist = np.zeros(min(self.GREEDY_SHORTLIST, self._n_vocab), dtype=dtype)
         self.resampled = 0  # sampled tokens the grammar rejected
@@ -129,10 +130,9 @@ class LazyGrammarSampler:
 
     def _allowed(self, token: int) -> bool:
         one = self._one
-        one.id, one.logit, one.p = token, 1.0, 0.0
-        array = self._lib.llama_token_data_array(ctypes.pointer(one), 1, -1, False)
-        self._lib.llama_sampler_apply(self._grammar, ctypes.byref(array))
-        return not math.isinf(one.logit)
+        one["id"], one["logit"], one["p"] = token, 1.0, 0.0
+        self._apply_grammar(one)
+        return bool(np.isfinite(one["logit"][0]))
 
     def close(self) -> None:
         if self._grammar:
