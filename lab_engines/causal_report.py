@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from lab_engines.context import JobContext
+from lab_engines.figures import new_figure, save_png
 
 __all__ = ["grid", "label", "normalize", "write_artifacts"]
 
@@ -35,22 +36,17 @@ def grid(rows: list[str], cols: list[str], values: list[float], **extra) -> dict
 
 
 def _heatmap(path: Path, data: dict, title: str) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     values = [[math.nan if v is None else v for v in row] for row in data["values"]]
     rows, cols = data["rows"], data["cols"]
     limit = max((abs(v) for row in values for v in row if not math.isnan(v)), default=1.0) or 1.0
-    fig = Figure(figsize=(min(2 + 0.45 * len(cols), 24), min(1.5 + 0.3 * len(rows), 24)))
-    FigureCanvasAgg(fig)
+    fig = new_figure(min(2 + 0.45 * len(cols), 24), min(1.5 + 0.3 * len(rows), 24))
     ax = fig.add_subplot()
     image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest")
     ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=7)
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label=data.get("unit", ""))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path)
 
 
 def write_artifacts(ctx: JobContext, result: dict, stem: str, extra: list[str] = ()) -> dict:

@@ -4,9 +4,10 @@ Figures use matplotlib's Agg canvas directly (no pyplot): no global backend stat
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from statistics import median
+
+from lab_engines.figures import new_figure, save_png
 
 __all__ = ["ROLE_TITLES", "markdown", "recommendations", "write_report"]
 
@@ -211,32 +212,16 @@ def _by_kind(records: list[dict]) -> dict[str, list[dict]]:
     return kinds
 
 
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fig.tight_layout()
-        fig.savefig(path, format="png")
-
-
 def _heatmap(path: Path, scores: list[list[float]], title: str) -> None:
     n_layers, n_heads = len(scores), len(scores[0])
-    fig = _figure(min(2.5 + 0.45 * n_heads, 14.0), min(1.5 + 0.22 * n_layers, 14.0))
+    fig = new_figure(min(2.5 + 0.45 * n_heads, 14.0), min(1.5 + 0.22 * n_layers, 14.0))
     ax = fig.add_subplot()
     image = ax.imshow(scores, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, origin="lower")
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title(title)
     fig.colorbar(image, ax=ax)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def _plot_spectra(path: Path, records: list[dict]) -> bool:
@@ -246,7 +231,7 @@ def _plot_spectra(path: Path, records: list[dict]) -> bool:
     kinds = {k: sorted(v, key=lambda r: r["layer"]) for k, v in kinds.items() if v}
     if not kinds:
         return False
-    fig = _figure(11.0, 4.2)
+    fig = new_figure(11.0, 4.2)
     for i, (metric, label) in enumerate((("sigma_max", "sigma_max (log)"), ("effective_rank", "effective rank"))):
         ax = fig.add_subplot(1, 2, i + 1)
         for kind, recs in kinds.items():
@@ -256,5 +241,5 @@ def _plot_spectra(path: Path, records: list[dict]) -> bool:
         if metric == "sigma_max":
             ax.set_yscale("log")
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_png(fig, path)
     return True

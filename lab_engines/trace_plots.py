@@ -1,11 +1,12 @@
 """PNG figures for a trace result: per-token attributions (bars), layer x position and layer x head
-heatmaps. Uses matplotlib's Agg canvas directly (no pyplot): no global backend state, safe in worker threads."""
+heatmaps (lab_engines.figures: matplotlib's Agg canvas, safe in job threads)."""
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
+
+from lab_engines.figures import new_figure, save_png
 
 __all__ = ["plot_heatmap", "plot_tokens", "token_label"]
 
@@ -15,26 +16,10 @@ def token_label(token: str) -> str:
     return repr(token)[1:-1].replace(" ", "\u00b7") or "\u2205"
 
 
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # missing glyphs for exotic tokens are not worth a warning
-        fig.tight_layout()
-        fig.savefig(path, format="png")
-
-
 def plot_tokens(path: Path, tokens: list[str], values: list[float], title: str) -> None:
     """Horizontal bars, one per prompt token, top to bottom in prompt order; red positive, blue negative."""
     n = len(tokens)
-    fig = _figure(7.0, min(1.2 + 0.28 * n, 40.0))
+    fig = new_figure(7.0, min(1.2 + 0.28 * n, 40.0))
     ax = fig.add_subplot()
     vals = np.asarray(values, dtype=float)
     ax.barh(np.arange(n), vals, color=np.where(vals >= 0, "#c0392b", "#2e6fb7"))
@@ -43,7 +28,7 @@ def plot_tokens(path: Path, tokens: list[str], values: list[float], title: str) 
     ax.axvline(0.0, color="black", linewidth=0.6)
     ax.set_xlabel("attribution")
     ax.set_title(title, fontsize=9)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_heatmap(path: Path, matrix: list[list[float]], columns: list[str], title: str,
@@ -52,7 +37,7 @@ def plot_heatmap(path: Path, matrix: list[list[float]], columns: list[str], titl
     else viridis."""
     data = np.asarray(matrix, dtype=float)
     n_rows, n_cols = data.shape
-    fig = _figure(min(3.0 + 0.35 * n_cols, 40.0), min(2.5 + 0.25 * n_rows, 30.0))
+    fig = new_figure(min(3.0 + 0.35 * n_cols, 40.0), min(2.5 + 0.25 * n_rows, 30.0))
     ax = fig.add_subplot()
     if diverging:
         vmax = float(np.abs(data).max()) or 1.0
@@ -65,4 +50,4 @@ def plot_heatmap(path: Path, matrix: list[list[float]], columns: list[str], titl
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax)
-    _save(fig, path)
+    save_png(fig, path)
