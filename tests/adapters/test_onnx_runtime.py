@@ -232,7 +232,7 @@ def test_unload_frees_the_model(server, export):
     print(f"server RSS: {before >> 20} MiB before, {loaded >> 20} loaded, {after >> 20} after unload, "
           f"{after_more >> 20} after two more cycles")
     assert loaded - before > weights // 2  # the model was really resident...
-    # ...and its memory went back: most of what the load took (measured: 75 of 91 MiB; malloc keeps some), and
-    # nothing piles up over cycles (a model that stayed would add ~90 MiB a cycle)
+    # ...and its memory went back: RSS ends within half of what a load takes (measured: -11 to +16 MiB of malloc
+    # noise against ~85 MiB a load), also after three cycles (a model that stayed would add ~85 MiB each)
     assert after - before < (loaded - before) // 2
-    assert after_more - after < weights // 2
+    assert after_more - before < (loaded - before) // 2
