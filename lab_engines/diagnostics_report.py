@@ -1,6 +1,6 @@
 """Diagnostics output: recommendations derived from the numbers, report.json, report.md and PNGs
 (layer x head heatmaps per head role, sigma_max / effective rank per layer per matrix kind).
-Figures use matplotlib's Agg canvas directly (no pyplot): no global backend state, safe in worker threads."""
+Figures through lab_engines.figures (matplotlib's Agg canvas, safe in job threads)."""
 from __future__ import annotations
 
 import json
@@ -72,8 +72,7 @@ def _spectra_recs(summary: dict) -> list[str]:
         out.append(f"{len(outliers)} matrices stand out from the others of their kind (robust |z| > "
                    f"{summary['outlier_z']:g} in sigma_max or condition number): {', '.join(outliers[:5])}"
                    f"{f' (+{len(outliers) - 5} more)' if len(outliers) > 5 else ''}. Common in first and last "
-                   f"layers; after an edit or "
-                   f"a quantization, compare with a snapshot taken before it.")
+                   f"layers; after an edit or a quantization, compare with a snapshot taken before it.")
     if summary["singular"]:
         out.append(f"{len(summary['singular'])} matrices are numerically rank-deficient (condition number inf, e.g. "
                    f"{summary['singular'][0]}): usual for attention projections, a problem for embeddings and MLPs.")

@@ -293,8 +293,9 @@ class ModelRouter:
         """Free idle reserved memory, then evict idle models (earliest to expire first: least recently
         used with the shortest keep-alive) until `needed` fits; a busy model is marked and waited for,
         never cut off. Memory that busy reservations hold cannot be waited for: 507."""
-        while self.used_memory() + needed > self.config.max_memory or len(self._resident) >= self.config.max_loaded:
-            if self.used_memory() + needed > self.config.max_memory and any(r() for r in self._reclaimers):
+        while (short := self.used_memory() + needed > self.config.max_memory) \
+                or len(self._resident) >= self.config.max_loaded:
+            if short and any(reclaim() for reclaim in self._reclaimers):
                 continue
             if not self._resident:
                 raise InsufficientMemory(
