@@ -6,8 +6,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgspec
+from adapters.errors import HINT_ECHO, HINT_MODEL, HINT_PROMPT, ContextTooLong, Unsupported
 
-from server.errors import CapabilityNotSupported, ContextLengthExceeded
 
 __all__ = ["Capability", "GenerateParams", "Usage", "TopLogprob", "TokenLogprob", "ToolCallPiece", "Delta", "Adapter"]
 
@@ -111,40 +111,40 @@ class Adapter:
 
     def load(self, progress: Callable[[float], None] | None = None) -> None:
         """Load the model; call progress(fraction) as it goes when the backend can tell."""
-        raise CapabilityNotSupported(f"Backend `{self.backend}` cannot load models.")
+        raise Unsupported(f"Backend `{self.backend}` cannot load models.")
 
     def unload(self) -> None:
         """Free the model's memory. Safe to call twice."""
 
     def context_length(self) -> int:
-        raise CapabilityNotSupported(f"Model `{self.id}` does not report a context length.")
+        raise Unsupported(f"Model `{self.id}` does not report a context length.")
 
-    def generation_budget(self, n_prompt: int, max_tokens: int | None, param: str) -> int:
+    def generation_budget(self, n_prompt: int, max_tokens: int | None) -> int:
         """How many tokens may be generated; a request that cannot fit is refused, never truncated."""
         n_ctx = self.context_length()
         if n_prompt >= n_ctx or (max_tokens is not None and n_prompt + max_tokens > n_ctx):
-            raise ContextLengthExceeded(
+            raise ContextTooLong(
                 f"This model's maximum context length is {n_ctx} tokens. However, you requested "
                 f"{n_prompt + (max_tokens or 0)} tokens ({n_prompt} in the messages, {max_tokens or 0} in the "
-                "completion). Please reduce the length of the messages or completion.", param=param)
+                "completion). Please reduce the length of the messages or completion.", hint=HINT_PROMPT)
         return max_tokens if max_tokens is not None else n_ctx - n_prompt
 
     def generate(self, params: GenerateParams, cancel: threading.Event) -> Iterator[Delta]:
-        raise CapabilityNotSupported(f"Model `{self.id}` cannot generate text.", param="model")
+        raise Unsupported(f"Model `{self.id}` cannot generate text.", hint=HINT_MODEL)
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
-        raise CapabilityNotSupported(f"Model `{self.id}` has no tokenizer.", param="model")
+        raise Unsupported(f"Model `{self.id}` has no tokenizer.", hint=HINT_MODEL)
 
     def detokenize(self, ids: list[int]) -> str:
-        raise CapabilityNotSupported(f"Model `{self.id}` has no tokenizer.", param="model")
+        raise Unsupported(f"Model `{self.id}` has no tokenizer.", hint=HINT_MODEL)
 
     def score_prompt(self, prompt: str, top: int) -> list[TokenLogprob]:
         """Log-probabilities of the prompt's own tokens."""
-        raise CapabilityNotSupported(f"Model `{self.id}` cannot score prompts (echo with logprobs).", param="echo")
+        raise Unsupported(f"Model `{self.id}` cannot score prompts (echo with logprobs).", hint=HINT_ECHO)
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Unit-length embedding vectors for the texts, and the number of tokens they took."""
-        raise CapabilityNotSupported(f"Model `{self.id}` does not support embeddings.", param="model")
+        raise Unsupported(f"Model `{self.id}` does not support embeddings.", hint=HINT_MODEL)
 
     def memory_estimate(self) -> int:
         """Bytes this model will take once loaded (weights + caches), estimated before loading."""

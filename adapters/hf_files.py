@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from server.gguf_header import _string, _value
+from adapters.gguf import read_string, read_value
 
 __all__ = ["DEFAULT_CONTEXT", "fast_gguf_reads", "gguf_shape", "kv_cache_bytes", "read_json", "safetensors_params"]
 
@@ -81,12 +81,12 @@ def gguf_shape(path: Path) -> tuple[int, int, dict[str, Any]]:
         n_tensors, n_kv = struct.unpack_from("<QQ", data, 8)
         pos, meta = 24, {}
         for _ in range(n_kv):
-            key, pos = _string(data, pos)
+            key, pos = read_string(data, pos)
             kind, = struct.unpack_from("<I", data, pos)
-            meta[key], pos = _value(data, pos + 4, kind, 16)
+            meta[key], pos = read_value(data, pos + 4, kind, 16)
         n_params = 0
         for _ in range(n_tensors):
-            _name, pos = _string(data, pos)
+            _name, pos = read_string(data, pos)
             n_dims, = struct.unpack_from("<I", data, pos)
             dims = struct.unpack_from(f"<{n_dims}Q", data, pos + 4)
             pos += 4 + 8 * n_dims + 4 + 8  # dims, type, offset

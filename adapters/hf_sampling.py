@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from adapters.base import GenerateParams
-from server.errors import InvalidRequestError
+from adapters.errors import HINT_SCHEMA, InvalidInput
 
 __all__ = [
     "PENALTY_LAST_N",
@@ -181,11 +181,11 @@ class JsonConstraints:
             try:
                 grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=_COMPILE_OPTIONS)
             except ValueError as exc:
-                raise InvalidRequestError(f"Invalid or unsupported JSON schema: {exc}", param="response_format") from None
+                raise InvalidInput(f"Invalid or unsupported JSON schema: {exc}", hint=HINT_SCHEMA) from None
             self._grammars[key] = grammar
         matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
         if matcher.is_error():
             self._grammars.pop(key, None)
-            raise InvalidRequestError(f"Invalid or unsupported JSON schema: {matcher.get_error()}",
-                                      param="response_format")
+            raise InvalidInput(f"Invalid or unsupported JSON schema: {matcher.get_error()}",
+                                      hint=HINT_SCHEMA)
         return JsonConstraint(matcher, self._n_vocab)

@@ -15,6 +15,22 @@ from pathlib import Path
 from typing import Any
 
 from adapters.base import Adapter, Capability, Delta, GenerateParams, TokenLogprob
+from adapters.errors import (
+    HINT_ECHO,
+    HINT_INPUT,
+    HINT_LOGIT_BIAS,
+    HINT_LOGPROBS,
+    HINT_LORA,
+    HINT_MODEL,
+    HINT_PROMPT,
+    HINT_SCHEMA,
+    HINT_SUFFIX,
+    HINT_TOKENS,
+    ContextTooLong,
+    InvalidInput,
+    LoadFailed,
+    Unsupported,
+)
 from adapters.hf_files import (
     DEFAULT_CONTEXT,
     fast_gguf_reads,
@@ -26,7 +42,6 @@ from adapters.hf_files import (
 from adapters.hf_sampling import Sampler, constraints_available, token_bytes_table
 from adapters.logprobs import token_logprob
 from adapters.text import DeltaEmitter
-from server.errors import CapabilityNotSupported, ContextLengthExceeded, InvalidRequestError, ModelLoadError
 
 __all__ = ["HFTransformersAdapter", "TorchHandle"]
 
@@ -83,7 +98,7 @@ class HFTransformersAdapter(Adapter):
         if path.is_file() and path.suffix == ".gguf":
             return path.parent, path.name
         if not path.is_dir():
-            raise ModelLoadError(f"Model `{self.id}`: no HF folder or GGUF file at {path}.")
+            raise LoadFailed(f"Model `{self.id}`: no HF folder or GGUF file at {path}.")
         return path, self.manifest.params.get("gguf_file")
 
     def _device_and_dtype(self, torch):
@@ -99,7 +114,7 @@ class HFTransformersAdapter(Adapter):
         if name == "auto":
             return device, "auto"
         if name not in _TORCH_DTYPES:
-            raise ModelLoadError(f"Model `{self.id}`: params.dtype `{name}` is not one of {sorted(_TORCH_DTYPES)} or auto.")
+            raise LoadFailed(f"Model `{self.id}`: params.dtype `{name}` is not one of {sorted(_TORCH_DTYPES)} or auto.")
         return device, getattr(torch, name)
 
     def load(self, progress: Callable[[float], None] | None = None) -> None:
@@ -109,7 +124,7 @@ class HFTransformersAdapter(Adapter):
             import torch
             import transformers
         except ImportError as exc:
-            raise ModelLoadError(f"Model `{self.id}` needs torch and transformers: pip install 'omniloader[hf]' "
+            raise LoadFailed(f"Model `{self.id}` needs torch and transformers: pip install 'omniloader[hf]' "
                                  f"({exc}).") from exc
         folder, gguf_file = self._files()
         device, dtype = self._device_and_dtype(torch)
@@ -128,7 +143,7 @@ class HFTransformersAdapter(Adapter):
                 auto = transformers.AutoModelForCausalLM if self._causal else transformers.AutoModel
                 model = auto.from_pretrained(str(folder), dtype=dtype, **kwargs)
         except (OSError, ValueError, RuntimeError, KeyError, ImportError) as exc:
-            raise ModelLoadError(f"Model `{self.id}` failed to load from {folder}: {exc}") from exc
+            raise LoadFailed(f"Model `{self.id}` failed to load from {folder}: {exc}") from exc
         report(0.9)
         self._model = model.to(device).eval()
         self._device = device
@@ -161,19 +176,19 @@ class HFTransformersAdapter(Adapter):
         gc.collect()
 
     def torch_handle(self) -> TorchHandle:
-        self._require(Capability.TORCH, "model")
+        self._require(Capability.TORCH, HINT_MODEL)
         return TorchHandle(self._model, self._tokenizer, self._device, str(self._model.dtype).removeprefix("torch."),
                            self._causal)
 
     def context_length(self) -> int:
         return self._n_ctx
 
-    def _require(self, capability: str, param: str) -> None:
+    def _require(self, capability: str, hint: str) -> None:
         if self._model is None:
-            raise ModelLoadError(f"Model `{self.id}` is not loaded.")
+            raise LoadFailed(f"Model `{self.id}` is not loaded.")
         if capability not in self.capabilities:
-            raise CapabilityNotSupported(f"Model `{self.id}` (backend {self.backend}) does not support "
-                                         f"`{capability}`.", param=param)
+            raise Unsupported(f"Model `{self.id}` (backend {self.backend}) does not support `{capability}`.",
+                              hint=hint)
 
     # --- tokens ----------------------------------------------------------------------------
     def tokenize(self, text: str, special: bool = True) -> list[int]:
@@ -185,7 +200,7 @@ class HFTransformersAdapter(Adapter):
         n_vocab = len(self._pieces)
         bad = next((t for t in ids if not 0 <= t < n_vocab), None)
         if bad is not None:
-            raise InvalidRequestError(f"Token id {bad} is outside the vocabulary (0..{n_vocab - 1}).", param="tokens")
+            raise InvalidInput(f"Token id {bad} is outside the vocabulary (0..{n_vocab - 1}).", hint=HINT_TOKENS)
         return self._tokenizer.decode(ids)
 
     def render_chat(self, messages: list[dict]) -> str:
@@ -193,20 +208,20 @@ class HFTransformersAdapter(Adapter):
         default system prompt the template adds)."""
         from jinja2 import TemplateError
 
-        self._require(Capability.CHAT, "messages")
+        self._require(Capability.CHAT, HINT_PROMPT)
         try:
             return self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except TemplateError as exc:  # the template refuses this conversation (roles, order, ...)
-            raise InvalidRequestError(f"Model `{self.id}`'s chat template rejected the messages: {exc}",
-                                      param="messages") from None
+            raise InvalidInput(f"Model `{self.id}`'s chat template rejected the messages: {exc}",
+                                      hint=HINT_PROMPT) from None
 
     def prompt_tokens(self, params: GenerateParams) -> list[int]:
         if params.messages is not None:
             return self.tokenize(self.render_chat(params.messages), special=True)
-        self._require(Capability.COMPLETION, "prompt")
+        self._require(Capability.COMPLETION, HINT_PROMPT)
         if params.suffix is not None:
-            raise CapabilityNotSupported(f"Model `{self.id}` (backend {self.backend}) does not support `suffix` "
-                                         "(fill in the middle).", param="suffix")
+            raise Unsupported(f"Model `{self.id}` (backend {self.backend}) does not support `suffix` "
+                                         "(fill in the middle).", hint=HINT_SUFFIX)
         return self._tokenizer(params.prompt or "", add_special_tokens=True)["input_ids"]
 
     # --- generation ------------------------------------------------------------------------
@@ -220,7 +235,7 @@ class HFTransformersAdapter(Adapter):
     def _constraint(self, schema: dict | None):
         if schema is None:
             return None
-        self._require(Capability.JSON_SCHEMA, "response_format")
+        self._require(Capability.JSON_SCHEMA, HINT_SCHEMA)
         if self._constraints is None:
             from adapters.hf_sampling import JsonConstraints
 
@@ -231,13 +246,12 @@ class HFTransformersAdapter(Adapter):
         import torch
 
         prompt = self.prompt_tokens(params)
-        max_new = self.generation_budget(len(prompt), params.max_tokens,
-                                      "messages" if params.messages is not None else "prompt")
+        max_new = self.generation_budget(len(prompt), params.max_tokens)
         if params.logprobs or params.top_logprobs:
-            self._require(Capability.LOGPROBS, "logprobs")
+            self._require(Capability.LOGPROBS, HINT_LOGPROBS)
         if bad := [t for t in params.logit_bias if not 0 <= t < len(self._pieces)]:
-            raise InvalidRequestError(f"logit_bias token {bad[0]} is outside the vocabulary "
-                                      f"(0..{len(self._pieces) - 1}).", param="logit_bias")
+            raise InvalidInput(f"logit_bias token {bad[0]} is outside the vocabulary "
+                                      f"(0..{len(self._pieces) - 1}).", hint=HINT_LOGIT_BIAS)
         constraint = self._constraint(params.json_schema)
         sampler = Sampler(params, self._eos)
         want_logprobs = params.logprobs or params.top_logprobs > 0
@@ -270,9 +284,9 @@ class HFTransformersAdapter(Adapter):
     def score_prompt(self, prompt: str, top: int) -> list[TokenLogprob]:
         import torch
 
-        self._require(Capability.LOGPROBS, "echo")
+        self._require(Capability.LOGPROBS, HINT_ECHO)
         tokens = self.prompt_tokens(GenerateParams(prompt=prompt))
-        self.generation_budget(len(tokens), 0, "prompt")
+        self.generation_budget(len(tokens), 0)
         if not tokens:
             return []
         first = self._piece(tokens[0])
@@ -288,13 +302,13 @@ class HFTransformersAdapter(Adapter):
         """Mean pooling of the last hidden states over the attention mask, L2-normalized."""
         import torch
 
-        self._require(Capability.EMBEDDINGS, "model")
+        self._require(Capability.EMBEDDINGS, HINT_MODEL)
         limit = self._n_ctx
         encoded = [self._tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
         for i, ids in enumerate(encoded):
             if len(ids) > limit:
-                raise ContextLengthExceeded(f"Input {i} has {len(ids)} tokens; this model embeds at most {limit}.",
-                                            param="input")
+                raise ContextTooLong(f"Input {i} has {len(ids)} tokens; this model embeds at most {limit}.",
+                                            hint=HINT_INPUT)
         pad = self._tokenizer.pad_token_id
         batch = EMBED_BATCH if pad is not None else 1
         vectors: list[list[float]] = []
@@ -313,25 +327,25 @@ class HFTransformersAdapter(Adapter):
     # --- LoRA ------------------------------------------------------------------------------
     def load_lora(self, name: str, path: str | Path) -> None:
         """Load a peft LoRA adapter next to the base weights (inactive until set_lora(name))."""
-        self._require(Capability.LORA, "lora")
+        self._require(Capability.LORA, HINT_LORA)
         from peft import PeftModel
 
         if name in self._loras:
-            raise InvalidRequestError(f"LoRA `{name}` is already loaded on `{self.id}`.", param="lora")
+            raise InvalidInput(f"LoRA `{name}` is already loaded on `{self.id}`.", hint=HINT_LORA)
         try:
             if self._peft is None:
                 self._peft = PeftModel.from_pretrained(self._model, str(path), adapter_name=name, is_trainable=False)
             else:
                 self._peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            raise InvalidRequestError(f"LoRA `{name}` failed to load from {path}: {exc}", param="lora") from exc
+            raise InvalidInput(f"LoRA `{name}` failed to load from {path}: {exc}", hint=HINT_LORA) from exc
         self._loras.add(name)
         self.set_lora(self._active_lora)
 
     def set_lora(self, name: str | None) -> None:
         """Serve with LoRA `name`, or with the base weights alone (None). No reload either way."""
         if name is not None and name not in self._loras:
-            raise InvalidRequestError(f"LoRA `{name}` is not loaded on `{self.id}`.", param="lora")
+            raise InvalidInput(f"LoRA `{name}` is not loaded on `{self.id}`.", hint=HINT_LORA)
         if self._peft is not None:
             if name is None:
                 self._peft.base_model.disable_adapter_layers()
@@ -342,7 +356,7 @@ class HFTransformersAdapter(Adapter):
 
     def unload_lora(self, name: str) -> None:
         if name not in self._loras:
-            raise InvalidRequestError(f"LoRA `{name}` is not loaded on `{self.id}`.", param="lora")
+            raise InvalidInput(f"LoRA `{name}` is not loaded on `{self.id}`.", hint=HINT_LORA)
         if self._active_lora == name:
             self.set_lora(None)
         self._loras.discard(name)
@@ -367,7 +381,7 @@ class HFTransformersAdapter(Adapter):
                 n_params, stored = safetensors_params(folder)
                 shape = read_json(folder / "config.json")
             width = _TORCH_DTYPES.get(target, 4 if target in (None, "default") else stored)
-        except (OSError, ValueError, KeyError, ModelLoadError, EOFError):
+        except (OSError, ValueError, KeyError, LoadFailed, EOFError):
             return 0  # the load says what is wrong
         return n_params * width + kv_cache_bytes(shape, self.manifest.context_length, width) + (64 << 20)
 

@@ -15,17 +15,23 @@ from adapters.base import (
     GenerateParams,
     TokenLogprob,
 )
+from adapters.errors import (
+    HINT_INPUT,
+    HINT_LOGIT_BIAS,
+    HINT_MODEL,
+    HINT_SCHEMA,
+    HINT_SUFFIX,
+    HINT_TOKENS,
+    ContextTooLong,
+    InvalidInput,
+    LoadFailed,
+    Unsupported,
+)
 from adapters.llama_grammar import json_schema_grammar, lazy_grammar_llama
 from adapters.logprobs import token_logprob
 from adapters.text import DeltaEmitter
-from server.errors import (
-    CapabilityNotSupported,
-    ContextLengthExceeded,
-    InvalidRequestError,
-    ModelLoadError,
-)
-from server.hardware import physical_cores
-from server.memory import gguf_footprint
+from adapters.machine import physical_cores
+from adapters.gguf import gguf_footprint
 
 __all__ = ["LlamaCppAdapter", "open_llama", "model_params", "plain_cpu_buffers"]
 
@@ -97,7 +103,7 @@ class LlamaCppAdapter(Adapter):
 
         path = self.record.source_path()
         if not path.is_file():
-            raise ModelLoadError(f"Model `{self.id}`: weights file not found at {path}.")
+            raise LoadFailed(f"Model `{self.id}`: weights file not found at {path}.")
         params = self.manifest.params
         try:
             self._llm = open_llama(
@@ -113,7 +119,7 @@ class LlamaCppAdapter(Adapter):
                 verbose=False,
             )
         except (ValueError, RuntimeError, OSError) as exc:
-            raise ModelLoadError(f"Model `{self.id}` failed to load from {path}: {exc}") from exc
+            raise LoadFailed(f"Model `{self.id}` failed to load from {path}: {exc}") from exc
         template = self._llm.metadata.get("tokenizer.chat_template")
         if template:
             model = self._llm._model
@@ -143,8 +149,8 @@ class LlamaCppAdapter(Adapter):
         for i, text in enumerate(texts):
             n = len(self.tokenize(text, special=False))
             if n > self._embedder.n_ctx():
-                raise ContextLengthExceeded(f"Input {i} has {n} tokens; this model embeds at most "
-                                            f"{self._embedder.n_ctx()}.", param="input")
+                raise ContextTooLong(f"Input {i} has {n} tokens; this model embeds at most "
+                                            f"{self._embedder.n_ctx()}.", hint=HINT_INPUT)
         vectors, count = self._embedder.embed(texts, normalize=True, truncate=False, return_count=True)
         return vectors, count
 
@@ -158,14 +164,14 @@ class LlamaCppAdapter(Adapter):
         n_vocab = self._llm.n_vocab()
         bad = next((t for t in ids if not 0 <= t < n_vocab), None)
         if bad is not None:  # llama.cpp reads out of bounds on unknown ids: refuse them here
-            raise InvalidRequestError(f"Token id {bad} is outside the vocabulary (0..{n_vocab - 1}).", param="tokens")
+            raise InvalidInput(f"Token id {bad} is outside the vocabulary (0..{n_vocab - 1}).", hint=HINT_TOKENS)
         return self._llm.detokenize(ids).decode("utf-8", errors="replace")
 
     def render_chat(self, messages: list[dict]) -> str:
         """The prompt text for a conversation, through the GGUF's own chat template."""
         if self._chat_formatter is None:
-            raise InvalidRequestError(f"Model `{self.id}` has no chat template; use /v1/completions.",
-                                      param="model")
+            raise InvalidInput(f"Model `{self.id}` has no chat template; use /v1/completions.",
+                                      hint=HINT_MODEL)
         return self._chat_formatter(messages=messages).prompt
 
     def prompt_tokens(self, params: GenerateParams) -> list[int]:
@@ -184,16 +190,15 @@ class LlamaCppAdapter(Adapter):
         pre, suf, mid = (llama_cpp.llama_vocab_fim_pre(vocab), llama_cpp.llama_vocab_fim_suf(vocab),
                          llama_cpp.llama_vocab_fim_mid(vocab))
         if min(pre, suf, mid) < 0:
-            raise CapabilityNotSupported(f"Model `{self.id}` has no fill-in-the-middle tokens, so `suffix` "
-                                         "(infill) is not supported.", param="suffix")
+            raise Unsupported(f"Model `{self.id}` has no fill-in-the-middle tokens, so `suffix` "
+                                         "(infill) is not supported.", hint=HINT_SUFFIX)
         return [pre, *self.tokenize(prefix, special=False), suf, *self.tokenize(suffix, special=False), mid]
 
     def generate(self, params: GenerateParams, cancel: threading.Event) -> Iterator[Delta]:
         import llama_cpp
 
         prompt = self.prompt_tokens(params)
-        max_new = self.generation_budget(len(prompt), params.max_tokens,
-                                      "messages" if params.messages is not None else "prompt")
+        max_new = self.generation_budget(len(prompt), params.max_tokens)
         grammar = self._grammar(params.json_schema) if params.json_schema is not None else None
         llm = self._llm
         llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
@@ -241,7 +246,7 @@ class LlamaCppAdapter(Adapter):
 
         llm = self._llm
         tokens = self.prompt_tokens(GenerateParams(prompt=prompt))
-        self.generation_budget(len(tokens), 0, "prompt")
+        self.generation_budget(len(tokens), 0)
         llm.reset()  # the KV cache is rebuilt here; the next generate() evaluates from scratch
         llm._ctx.kv_cache_clear()
         first = self._piece(tokens[0]) if tokens else b""
@@ -266,8 +271,8 @@ class LlamaCppAdapter(Adapter):
             try:
                 grammar = json_schema_grammar(schema)
             except Exception as exc:  # the converter raises plain errors for schemas it cannot express
-                raise InvalidRequestError(f"Invalid or unsupported JSON schema: {exc}",
-                                          param="response_format") from None
+                raise InvalidInput(f"Invalid or unsupported JSON schema: {exc}",
+                                          hint=HINT_SCHEMA) from None
             self._grammars[key] = grammar
         return grammar
 
@@ -280,8 +285,8 @@ class LlamaCppAdapter(Adapter):
         n_vocab = self._llm.n_vocab()
         if any(not 0 <= t < n_vocab for t in bias):
             bad = next(t for t in bias if not 0 <= t < n_vocab)
-            raise InvalidRequestError(f"logit_bias token {bad} is outside the vocabulary (0..{n_vocab - 1}).",
-                                      param="logit_bias")
+            raise InvalidInput(f"logit_bias token {bad} is outside the vocabulary (0..{n_vocab - 1}).",
+                                      hint=HINT_LOGIT_BIAS)
         if params.ignore_eos:
             bias.update({t: -np.inf for t in self._eog_tokens()})
         if not bias:

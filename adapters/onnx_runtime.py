@@ -19,11 +19,21 @@ from typing import Any
 import numpy as np
 
 from adapters.base import Adapter, Capability, Delta, GenerateParams, TokenLogprob
+from adapters.errors import (
+    HINT_LOGIT_BIAS,
+    HINT_MODEL,
+    HINT_PROMPT,
+    HINT_SCHEMA,
+    HINT_SUFFIX,
+    HINT_TOKENS,
+    InvalidInput,
+    LoadFailed,
+    Unsupported,
+)
 from adapters.hf_files import read_json
 from adapters.logprobs import token_logprob
 from adapters.text import DeltaEmitter
-from server.errors import CapabilityNotSupported, InvalidRequestError, ModelLoadError
-from server.hardware import physical_cores
+from adapters.machine import physical_cores
 
 __all__ = ["OnnxRuntimeAdapter", "Sampler", "find_onnx_file"]
 
@@ -50,7 +60,7 @@ def find_onnx_file(source: Path, preferred: str | None = None) -> Path:
     if len(found) == 1 and not preferred:
         return found[0]
     listed = ", ".join(str(p.relative_to(source)) for p in found) or "none"
-    raise ModelLoadError(f"No decoder graph found in {source} (looked for {', '.join(names)}; .onnx files: "
+    raise LoadFailed(f"No decoder graph found in {source} (looked for {', '.join(names)}; .onnx files: "
                          f"{listed}). Name one with manifest `params: {{onnx_file: ...}}`.")
 
 
@@ -101,7 +111,7 @@ class OnnxRuntimeAdapter(Adapter):
         self._sig: _Signature | None = None
         try:
             self._config: dict[str, Any] = read_json(self._folder() / "config.json")
-        except ModelLoadError:  # an uninstalled package:// source: load() reports it
+        except LoadFailed:  # an uninstalled package:// source: load() reports it
             self._config = {}
         self._eos: list[int] = []
         self._pieces: dict[int, bytes] = {}
@@ -119,7 +129,7 @@ class OnnxRuntimeAdapter(Adapter):
 
         source = self.record.source_path()
         if not source.exists():
-            raise ModelLoadError(f"Model `{self.id}`: no files at {source}.")
+            raise LoadFailed(f"Model `{self.id}`: no files at {source}.")
         onnx_file = find_onnx_file(source, self.manifest.params.get("onnx_file"))
         self._load_tokenizer()
         if progress:
@@ -136,7 +146,7 @@ class OnnxRuntimeAdapter(Adapter):
         try:
             self._session = ort.InferenceSession(str(onnx_file), opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            raise ModelLoadError(f"Model `{self.id}` failed to load from {onnx_file}: {exc}") from exc
+            raise LoadFailed(f"Model `{self.id}` failed to load from {onnx_file}: {exc}") from exc
         self._sig = self._signature()
         log.info("%s: %s on %s, %d layers of KV cache", self.id, onnx_file.name,
                  self._session.get_providers()[0], len(self._sig.past) // 2)
@@ -149,7 +159,7 @@ class OnnxRuntimeAdapter(Adapter):
         try:
             tok = AutoTokenizer.from_pretrained(str(self._folder()), local_files_only=True)
         except Exception as exc:  # transformers raises OSError, ValueError, ... for a missing or bad tokenizer
-            raise ModelLoadError(f"Model `{self.id}`: no usable tokenizer in {self._folder()}: {exc}") from exc
+            raise LoadFailed(f"Model `{self.id}`: no usable tokenizer in {self._folder()}: {exc}") from exc
         self._tokenizer = tok
         self._n_vocab = max(len(tok), int(self._config.get("vocab_size") or 0))
         self._special = set(tok.all_special_ids)
@@ -180,12 +190,12 @@ class OnnxRuntimeAdapter(Adapter):
         session = self._session
         inputs = {i.name: i for i in session.get_inputs()}
         if "input_ids" not in inputs:
-            raise ModelLoadError(f"Model `{self.id}`: the ONNX graph has no `input_ids` input "
+            raise LoadFailed(f"Model `{self.id}`: the ONNX graph has no `input_ids` input "
                                  f"(inputs: {', '.join(inputs)}); only decoder-only LMs are supported.")
         outputs = [o.name for o in session.get_outputs()]
         past = [n for n in inputs if _PAST.match(n)]
         if not past:
-            raise ModelLoadError(f"Model `{self.id}`: the ONNX graph has no past_key_values inputs; export it with "
+            raise LoadFailed(f"Model `{self.id}`: the ONNX graph has no past_key_values inputs; export it with "
                                  "a KV cache (`omniloader models export-onnx`).")
         present = {}
         for name in outputs:
@@ -193,7 +203,7 @@ class OnnxRuntimeAdapter(Adapter):
                 present[name] = f"past_key_values.{m.group(1)}.{m.group(2)}"
         missing = sorted(set(past) - set(present.values()))
         if missing or "logits" not in outputs:
-            raise ModelLoadError(f"Model `{self.id}`: the ONNX graph lacks outputs for "
+            raise LoadFailed(f"Model `{self.id}`: the ONNX graph lacks outputs for "
                                  f"{', '.join(missing) or 'logits'}.")
         return _Signature(ids_dtype=_ORT_TYPES.get(inputs["input_ids"].type, np.int64), inputs=set(inputs),
                           past=past, present=present,
@@ -223,7 +233,7 @@ class OnnxRuntimeAdapter(Adapter):
             onnx_file = find_onnx_file(self.record.source_path(), self.manifest.params.get("onnx_file"))
             weights = sum(p.stat().st_size for p in onnx_file.parent.iterdir() if p.is_file() and (
                 p.name.startswith(onnx_file.name) or p.suffix in (".data", ".onnx_data")))
-        except (ModelLoadError, OSError):
+        except (LoadFailed, OSError):
             return 0  # the load says what is wrong
         kv_heads, head_dim = _kv_dims(self._config)
         kv = 2 * (self._config.get("num_hidden_layers") or 0) * kv_heads * head_dim * self.context_length() * 4
@@ -237,8 +247,8 @@ class OnnxRuntimeAdapter(Adapter):
     def detokenize(self, ids: list[int]) -> str:
         bad = next((t for t in ids if not 0 <= t < self._n_vocab), None)
         if bad is not None:
-            raise InvalidRequestError(f"Token id {bad} is outside the vocabulary (0..{self._n_vocab - 1}).",
-                                      param="tokens")
+            raise InvalidInput(f"Token id {bad} is outside the vocabulary (0..{self._n_vocab - 1}).",
+                                      hint=HINT_TOKENS)
         return self._tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def piece(self, token: int) -> bytes:
@@ -259,27 +269,27 @@ class OnnxRuntimeAdapter(Adapter):
 
     def render_chat(self, messages: list[dict]) -> str:
         if Capability.CHAT not in self.capabilities:
-            raise InvalidRequestError(f"Model `{self.id}` has no chat template; use /v1/completions.", param="model")
+            raise InvalidInput(f"Model `{self.id}` has no chat template; use /v1/completions.", hint=HINT_MODEL)
         from jinja2 import TemplateError
 
         try:
             return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except (TemplateError, ValueError, TypeError) as exc:  # the template's raise_exception() included
-            raise InvalidRequestError(f"Model `{self.id}`'s chat template rejected the messages: {exc}",
-                                      param="messages") from None
+            raise InvalidInput(f"Model `{self.id}`'s chat template rejected the messages: {exc}",
+                                      hint=HINT_PROMPT) from None
 
     def prompt_tokens(self, params: GenerateParams) -> list[int]:
         if params.suffix is not None:
-            raise CapabilityNotSupported(f"Model `{self.id}` (backend onnx_runtime) does not support `suffix` "
-                                         "(fill in the middle).", param="suffix")
+            raise Unsupported(f"Model `{self.id}` (backend onnx_runtime) does not support `suffix` "
+                                         "(fill in the middle).", hint=HINT_SUFFIX)
         if params.messages is not None:
             return self.tokenize(self.render_chat(params.messages), special=True)
         ids = list(self._tokenizer(params.prompt or "", add_special_tokens=True)["input_ids"])
         if not ids:
             bos = self._tokenizer.bos_token_id
             if bos is None:
-                raise InvalidRequestError("The prompt is empty and this model has no beginning-of-sequence "
-                                          "token to start from.", param="prompt")
+                raise InvalidInput("The prompt is empty and this model has no beginning-of-sequence "
+                                          "token to start from.", hint=HINT_PROMPT)
             ids = [bos]
         return ids
 
@@ -337,11 +347,10 @@ class OnnxRuntimeAdapter(Adapter):
     # --- generation ------------------------------------------------------------------------
     def generate(self, params: GenerateParams, cancel: threading.Event) -> Iterator[Delta]:
         if params.json_schema is not None:
-            raise CapabilityNotSupported(f"Model `{self.id}` (backend onnx_runtime) does not support `json_schema`.",
-                                         param="response_format")
+            raise Unsupported(f"Model `{self.id}` (backend onnx_runtime) does not support `json_schema`.",
+                                         hint=HINT_SCHEMA)
         prompt = self.prompt_tokens(params)
-        max_new = self.generation_budget(len(prompt), params.max_tokens,
-                                      "messages" if params.messages is not None else "prompt")
+        max_new = self.generation_budget(len(prompt), params.max_tokens)
         sampler = Sampler(params, self._n_vocab, self._eos, prompt)
         want_logprobs = params.logprobs or params.top_logprobs > 0
         emit, finish = DeltaEmitter(params.stop), "length"
@@ -363,7 +372,7 @@ class OnnxRuntimeAdapter(Adapter):
 
     def score_prompt(self, prompt: str, top: int) -> list[TokenLogprob]:
         tokens = self.prompt_tokens(GenerateParams(prompt=prompt))
-        self.generation_budget(len(tokens), 0, "prompt")
+        self.generation_budget(len(tokens), 0)
         first = self.piece(tokens[0])
         scored = [TokenLogprob(first.decode("utf-8", errors="replace"), None, list(first))]
         logits, _ = self.prefill(tokens, keep_all=True)
@@ -390,8 +399,8 @@ class Sampler:
         self.history = list(context[-self.PENALTY_WINDOW:])
         bias = dict(params.logit_bias)
         if (bad := next((t for t in bias if not 0 <= t < n_vocab), None)) is not None:
-            raise InvalidRequestError(f"logit_bias token {bad} is outside the vocabulary (0..{n_vocab - 1}).",
-                                      param="logit_bias")
+            raise InvalidInput(f"logit_bias token {bad} is outside the vocabulary (0..{n_vocab - 1}).",
+                                      hint=HINT_LOGIT_BIAS)
         if params.ignore_eos:
             bias.update({t: -np.inf for t in eos})
         self.bias_ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))

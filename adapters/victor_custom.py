@@ -15,12 +15,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from adapters.base import Adapter, Capability, Delta, GenerateParams, Usage
+from adapters.errors import HINT_MODEL, HINT_SUFFIX, BackendTimedOut, LoadFailed, RunnerFailed, Unsupported
 from adapters.process_worker import LAB_FUNCTIONS, RunnerFailure, RunnerProcess
 from adapters.text import StopBuffer
-from server.errors import BackendTimeout, CapabilityNotSupported, ModelLoadError, OpenAIError
-from server.memory import parse_size
+from adapters.machine import parse_size
 
-__all__ = ["VictorCustomAdapter", "RunnerError"]
+__all__ = ["VictorCustomAdapter"]
 
 log = logging.getLogger("omniloader.victor_custom")
 
@@ -28,14 +28,6 @@ DEFAULT_TIMEOUT = 60.0
 DEFAULT_LOAD_TIMEOUT = 120.0
 RUNTIME_OVERHEAD = 256 << 20  # an interpreter with torch imported, before any weights
 SUPPORTED = frozenset({Capability.CHAT, Capability.COMPLETION})
-
-
-class RunnerError(OpenAIError):
-    """User code in runner.py failed: raised, crashed, or ran out of memory (`code` says which)."""
-
-    status_code = 500
-    type = "server_error"
-    code = "runner_error"
 
 
 class VictorCustomAdapter(Adapter):
@@ -56,13 +48,13 @@ class VictorCustomAdapter(Adapter):
     # --- lifecycle -------------------------------------------------------------------------
     def load(self, progress: Callable[[float], None] | None = None) -> None:
         if not (self.folder / "runner.py").is_file():
-            raise ModelLoadError(f"Model `{self.id}`: no runner.py in {self.folder}.")
+            raise LoadFailed(f"Model `{self.id}`: no runner.py in {self.folder}.")
         try:
             self.runner.start()
             self.runner.wait_ready()
         except RunnerFailure as failure:
             self.runner.kill()
-            raise ModelLoadError(f"Model `{self.id}`: runner.py failed to start: {failure.message}") from None
+            raise LoadFailed(f"Model `{self.id}`: runner.py failed to start: {failure.message}") from None
         if progress is not None:
             progress(1.0)
 
@@ -84,8 +76,8 @@ class VictorCustomAdapter(Adapter):
     # --- generation ------------------------------------------------------------------------
     def generate(self, params: GenerateParams, cancel: threading.Event) -> Iterator[Delta]:
         if params.suffix is not None:
-            raise CapabilityNotSupported(f"Model `{self.id}` (backend victor_custom) does not support `suffix`.",
-                                         param="suffix")
+            raise Unsupported(f"Model `{self.id}` (backend victor_custom) does not support `suffix`.",
+                                         hint=HINT_SUFFIX)
         chat = params.messages is not None
         messages = params.messages if chat else [{"role": "user", "content": params.prompt or ""}]
         request = {"mode": "chat" if chat else "completion", "prompt": params.prompt,
@@ -118,7 +110,7 @@ class VictorCustomAdapter(Adapter):
         usage = Usage(int(info.get("prompt_tokens") or 0), int(info.get("completion_tokens") or pieces))
         yield Delta(text="" if stopped else stops.flush(), finish_reason=finish, usage=usage)
 
-    def _failed(self, failure: RunnerFailure) -> OpenAIError:
+    def _failed(self, failure: RunnerFailure) -> Exception:
         """The request's error; a process that died, hung or blew its memory is replaced at once."""
         message = f"Model `{self.id}`: {failure.message}"
         if failure.kind == "memory" and self.max_memory:
@@ -128,9 +120,9 @@ class VictorCustomAdapter(Adapter):
             self.runner.restart()
             message += "; a fresh runner process is starting"
         if failure.kind == "timeout":
-            return BackendTimeout(message + ".")
+            return BackendTimedOut(message + ".")
         code = {"crashed": "runner_crashed", "memory": "runner_out_of_memory", "init": "runner_init_failed"}
-        return RunnerError(message + ".", code=code.get(failure.kind, "runner_error"))
+        return RunnerFailed(message + ".", code=code.get(failure.kind, "runner_error"))
 
     # --- the runner's optional functions (the Lab calls these) -----------------------------
     @property
@@ -141,7 +133,7 @@ class VictorCustomAdapter(Adapter):
     def call_runner(self, name: str, *args: Any) -> Any:
         """Call runner.<name>(*args) in the runner's process (arguments and result are pickled)."""
         if name not in LAB_FUNCTIONS or name not in self.runner.functions:
-            raise CapabilityNotSupported(f"Model `{self.id}`'s runner.py has no `{name}` function.", param="model")
+            raise Unsupported(f"Model `{self.id}`'s runner.py has no `{name}` function.", hint=HINT_MODEL)
         try:
             return self.runner.call(name, *args)
         except RunnerFailure as failure:

@@ -34,9 +34,9 @@ from adapters.base import (
     TopLogprob,
     Usage,
 )
-from server.errors import BackendTimeout, BackendUnavailable, ModelLoadError, OpenAIError
+from adapters.errors import BackendTimedOut, BackendUnreachable, EngineError, LoadFailed, RemoteRejected
 
-__all__ = ["VllmRemoteAdapter", "RemoteError", "RemoteStatus", "remote_status", "remote_config"]
+__all__ = ["VllmRemoteAdapter", "RemoteStatus", "remote_status", "remote_config"]
 
 log = logging.getLogger("omniloader.vllm_remote")
 
@@ -46,16 +46,6 @@ _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "freq
              "repeat_penalty", "seed")
 # Chat request fields the remote applies itself, forwarded as the client wrote them.
 _CHAT_PASSTHROUGH = ("tools", "tool_choice", "parallel_tool_calls", "response_format", "user")
-
-
-class RemoteError(OpenAIError):
-    """The remote refused the request (4xx): the same status and its message, type and code."""
-
-    def __init__(self, status: int, message: str, *, type_: str | None = None, param: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message, param=param, code=code)
-        self.status_code = status
-        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
 
 
 class RemoteStatus(msgspec.Struct):
@@ -88,12 +78,12 @@ def remote_config(manifest) -> tuple[str, dict[str, str], str, float]:
     params = manifest.params
     base = manifest.source.rstrip("/")
     if not base.startswith(("http://", "https://")):
-        raise ModelLoadError(f"Model `{manifest.id}`: source `{manifest.source}` is not an http(s) URL.")
+        raise LoadFailed(f"Model `{manifest.id}`: source `{manifest.source}` is not an http(s) URL.")
     key = params.get("api_key")
     if key is None and (env := params.get("api_key_env")):
         key = os.environ.get(env)
         if key is None:
-            raise ModelLoadError(f"Model `{manifest.id}`: environment variable `{env}` (params.api_key_env) "
+            raise LoadFailed(f"Model `{manifest.id}`: environment variable `{env}` (params.api_key_env) "
                                  "is not set.")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     timeout = float(params.get("timeout", DEFAULT_TIMEOUT))
@@ -104,7 +94,7 @@ def remote_status(manifest, timeout: float = 5.0) -> RemoteStatus:
     """Ask the remote for its model list (without loading anything): reachable or why not."""
     try:
         base, headers, served, configured = remote_config(manifest)
-    except OpenAIError as exc:
+    except EngineError as exc:
         return RemoteStatus(manifest.id, manifest.source, False, "", error=exc.message)
     try:
         response = httpx.get(base + "/models", headers=headers, timeout=min(timeout, configured))
@@ -184,13 +174,13 @@ class VllmRemoteAdapter(Adapter):
                 yield from self._deltas(response, chat, cancel)
         except httpx.TimeoutException as exc:
             self.unload()  # drop pooled connections: the next request starts clean
-            raise BackendTimeout(f"Model `{self.id}`: the remote server at {self.base_url} did not answer within "
+            raise BackendTimedOut(f"Model `{self.id}`: the remote server at {self.base_url} did not answer within "
                                  f"{self.timeout:g} s ({type(exc).__name__}).") from None
         except httpx.TransportError as exc:
             self.unload()
-            raise BackendUnavailable(f"Model `{self.id}`: cannot reach the remote server at {self.base_url} "
+            raise BackendUnreachable(f"Model `{self.id}`: cannot reach the remote server at {self.base_url} "
                                      f"({type(exc).__name__}: {exc}).") from None
-        except BackendUnavailable:
+        except BackendUnreachable:
             self.unload()
             raise
 
@@ -261,19 +251,19 @@ class VllmRemoteAdapter(Adapter):
             out["ignore_eos"] = True
         return out
 
-    def _refused(self, response: httpx.Response) -> OpenAIError:
+    def _refused(self, response: httpx.Response) -> EngineError:
         message = _error_message(response)
         status = response.status_code
         if status >= 500:
-            return BackendUnavailable(f"Model `{self.id}`: the remote server at {self.base_url} failed "
+            return BackendUnreachable(f"Model `{self.id}`: the remote server at {self.base_url} failed "
                                       f"(HTTP {status}): {message}")
         try:
             error = response.json().get("error")
         except (ValueError, AttributeError):
             error = None
         error = error if isinstance(error, dict) else {}
-        return RemoteError(status, f"Remote server for `{self.id}`: {message}", type_=error.get("type"),
-                           param=error.get("param"), code=error.get("code"))
+        return RemoteRejected(status, f"Remote server for `{self.id}`: {message}", type_=error.get("type"),
+                              param=error.get("param"), code=error.get("code"))
 
     def _deltas(self, response: httpx.Response, chat: bool, cancel: threading.Event) -> Iterator[Delta]:
         """The remote's SSE chunks as Deltas; the last carries finish_reason and usage."""
@@ -291,10 +281,10 @@ class VllmRemoteAdapter(Adapter):
             try:
                 chunk = json.loads(data)
             except ValueError:
-                raise BackendUnavailable(f"Model `{self.id}`: the remote sent a malformed event: {data[:200]}") from None
+                raise BackendUnreachable(f"Model `{self.id}`: the remote sent a malformed event: {data[:200]}") from None
             if isinstance(chunk.get("error"), dict | str):
                 error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": chunk["error"]}
-                raise BackendUnavailable(f"Model `{self.id}`: the remote failed mid-stream: "
+                raise BackendUnreachable(f"Model `{self.id}`: the remote failed mid-stream: "
                                          f"{error.get('message') or error}")
             if chunk.get("usage"):
                 u = chunk["usage"]
@@ -308,7 +298,7 @@ class VllmRemoteAdapter(Adapter):
                     yield delta
                 finish = choice.get("finish_reason") or finish
         if finish is None and not done:
-            raise BackendUnavailable(f"Model `{self.id}`: the remote server at {self.base_url} ended the stream "
+            raise BackendUnreachable(f"Model `{self.id}`: the remote server at {self.base_url} ended the stream "
                                      "before finishing (it may have failed; see its log).")
         # Without usage from the remote (it ignores stream_options), each content chunk counts as
         # one completion token and the prompt as 0: the remote alone knows its tokenizer.

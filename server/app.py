@@ -19,7 +19,7 @@ from server.errors import exception_handlers
 from server.keep_alive import parse_keep_alive
 from server.lab.lab_models import RouterBudget
 from server.lab.service import Lab
-from server.memory import parse_size
+from adapters.machine import parse_size
 from server.metrics import Metrics
 from server.middleware import RequestMetricsMiddleware
 from server.registry import Registry

@@ -16,7 +16,8 @@ import msgspec.yaml
 from server.errors import InvalidRequestError, OpenAIError
 from server.cli_load import add_load_command
 from server.export_onnx import add_export_arguments, export_command
-from server.gguf_header import read_gguf_header
+from adapters.errors import EngineError
+from adapters.gguf import read_gguf_header
 from server.registry import ModelRecord, NoModelQualifies, Registry
 from server.registry_state import ModelState, model_files
 from server.settings import load_settings
@@ -98,7 +99,7 @@ def _run(command):
         registry.scan()
         try:
             return command(registry, args)
-        except OpenAIError as exc:
+        except (OpenAIError, EngineError) as exc:
             print(f"omniloader: {exc.message}", file=sys.stderr)
             return EXIT_ERROR
         finally:

@@ -1,4 +1,7 @@
-"""Typed errors and the exception handlers that turn every failure into the OpenAI envelope."""
+"""Typed errors and the exception handlers that turn every failure into the OpenAI envelope.
+
+Engines raise adapters.errors (no HTTP status); ENGINE_ERRORS is the one table that maps them to
+OpenAI errors, and `from_engine` names the `param` from the engine's hint in the caller's words."""
 from __future__ import annotations
 
 import logging
@@ -8,6 +11,7 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
+from adapters import errors as engine
 from server.protocol.errors import ErrorBody, ErrorResponse
 
 __all__ = [
@@ -24,6 +28,11 @@ __all__ = [
     "ClientGone",
     "BackendUnavailable",
     "BackendTimeout",
+    "RemoteError",
+    "RunnerError",
+    "ENGINE_ERRORS",
+    "DEFAULT_PARAMS",
+    "from_engine",
     "decode_body",
     "error_response",
     "exception_handlers",
@@ -141,6 +150,50 @@ class BackendTimeout(OpenAIError):
     code = "backend_timeout"
 
 
+class RemoteError(OpenAIError):
+    """The remote refused the request (4xx): the same status and its message, type and code."""
+
+    def __init__(self, status: int, message: str, *, type_: str | None = None, param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message, param=param, code=code)
+        self.status_code = status
+        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
+
+
+class RunnerError(OpenAIError):
+    """User code in runner.py failed: raised, crashed, or ran out of memory (`code` says which)."""
+
+    status_code = 500
+    type = "server_error"
+    code = "runner_error"
+
+
+# Engine error class -> the OpenAI error it becomes (the most specific class of an error wins).
+ENGINE_ERRORS: dict[type[engine.EngineError], type[OpenAIError]] = {
+    engine.ContextTooLong: ContextLengthExceeded,
+    engine.InvalidInput: InvalidRequestError,
+    engine.Unsupported: CapabilityNotSupported,
+    engine.LoadFailed: ModelLoadError,
+    engine.BackendUnreachable: BackendUnavailable,
+    engine.BackendTimedOut: BackendTimeout,
+    engine.EngineError: OpenAIError,
+}
+# An engine hint's wire name where the caller gives none (the chat and completions names).
+DEFAULT_PARAMS = {engine.HINT_SCHEMA: "response_format"}
+
+
+def from_engine(exc: engine.EngineError, params: dict[str, str] | None = None) -> OpenAIError:
+    """The OpenAI error for an engine error; `params` maps engine hints to the caller's field names."""
+    if isinstance(exc, engine.RemoteRejected):
+        return RemoteError(exc.status, exc.message, type_=exc.type, param=exc.param, code=exc.code)
+    if isinstance(exc, engine.RunnerFailed):
+        return RunnerError(exc.message, code=exc.code)
+    cls = next(ENGINE_ERRORS[k] for k in type(exc).__mro__ if k in ENGINE_ERRORS)
+    hint = exc.hint
+    param = None if hint is None else (params or {}).get(hint, DEFAULT_PARAMS.get(hint, hint))
+    return cls(exc.message, param=param)
+
+
 _MSGSPEC_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 
 
@@ -169,6 +222,10 @@ def _openai_error(_: Request, exc: OpenAIError) -> Response:
     return Response(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
 
+def _engine_error(request: Request, exc: engine.EngineError) -> Response:
+    return _openai_error(request, from_engine(exc))
+
+
 def _http_error(_: Request, exc: HTTPException) -> Response:
     status = exc.status_code
     type_ = "invalid_request_error" if 400 <= status < 500 else "server_error"
@@ -188,6 +245,7 @@ def _unexpected_error(request: Request, exc: Exception) -> Response:
 
 exception_handlers = {
     OpenAIError: _openai_error,
+    engine.EngineError: _engine_error,
     HTTPException: _http_error,
     Exception: _unexpected_error,
 }

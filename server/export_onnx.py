@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec.yaml
 
+from adapters.errors import EngineError
 from server.errors import InvalidRequestError, OpenAIError
 
 __all__ = [
@@ -104,7 +105,7 @@ def export_onnx(source: ExportSource, out: Path, *, force: bool = False, check: 
             _check(model, tokenizer, partial / "model.onnx", say)
         context = context_length or source.context_length or getattr(model.config, "max_position_embeddings", None)
         _write_manifest(partial, source, context, bool(tokenizer.chat_template))
-    except OpenAIError:
+    except (OpenAIError, EngineError):
         shutil.rmtree(partial, ignore_errors=True)
         raise
     except Exception as exc:  # torch.export / the ONNX translation fail with many types

@@ -15,12 +15,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 import msgspec.yaml
 
-from server.errors import (
-    InvalidRequestError,
-    ModelLoadError,
-    ModelNotFound,
-    OpenAIError,
-)
+from adapters.errors import EngineError, LoadFailed
+from server.errors import InvalidRequestError, ModelNotFound, OpenAIError
 from server.registry_state import STATE_FILE, ModelIntegrity, RegistryState
 
 __all__ = ["Manifest", "ModelRecord", "Registry", "resolve_source", "Rejection", "Selection",
@@ -118,7 +114,7 @@ def resolve_source(source: str, base_dir: Path) -> Path:
         package, _, rel = source.removeprefix("package://").partition("/")
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            raise ModelLoadError(f"Package `{package}` named by source `{source}` is not installed.")
+            raise LoadFailed(f"Package `{package}` named by source `{source}` is not installed.")
         return Path(next(iter(spec.submodule_search_locations))) / rel
     path = Path(source).expanduser()
     return path if path.is_absolute() else (base_dir / path)
@@ -347,7 +343,7 @@ class Registry:
             return f"lacks {', '.join(missing)} (capabilities: {', '.join(caps) or 'none'})"
         try:
             path = record.local_path()
-        except OpenAIError as exc:
+        except EngineError as exc:
             return exc.message
         if path is not None and not path.exists():
             return f"has no files at {path}"

@@ -23,7 +23,7 @@ from server.errors import (
     QueueFull,
 )
 from server.keep_alive import FOREVER, parse_keep_alive
-from server.memory import process_rss
+from adapters.machine import process_rss
 from server.metrics import Metrics
 from server.registry import ModelRecord, Registry
 

@@ -13,9 +13,9 @@ from litestar.di import NamedDependency
 
 from server.controllers.auth import require_api_key
 from server.errors import OpenAIError
-from server.hardware import accelerators, physical_cores
+from adapters.errors import EngineError
+from adapters.machine import accelerators, physical_cores, total_ram
 from server.keep_alive import FOREVER
-from server.memory import total_ram
 from server.metrics import CONTENT_TYPE
 from server.router import ModelRouter
 
@@ -68,7 +68,7 @@ async def ready(router: NamedDependency[ModelRouter]) -> Response:
     try:
         record = router.registry.resolve("default")
         loadable = record.id in router.resident() or record.source_path().is_file()
-    except OpenAIError:  # unknown default, or its package is not installed
+    except (OpenAIError, EngineError):  # unknown default, or its package is not installed
         loadable = False
     return Response(Health(status="ready" if loadable else "not_ready", models=router.resident()),
                     status_code=200 if loadable else 503)
