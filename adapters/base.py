@@ -9,7 +9,8 @@ import msgspec
 from adapters.errors import HINT_ECHO, HINT_MODEL, HINT_PROMPT, ContextTooLong, Unsupported
 
 
-__all__ = ["Capability", "GenerateParams", "Usage", "TopLogprob", "TokenLogprob", "ToolCallPiece", "Delta", "Adapter"]
+__all__ = ["Capability", "CAPABILITY_ORDER", "ordered", "GenerateParams", "Usage", "TopLogprob", "TokenLogprob",
+           "ToolCallPiece", "Delta", "Adapter"]
 
 
 class Capability:
@@ -91,11 +92,31 @@ class Delta(msgspec.Struct):
     tool_calls: list[ToolCallPiece] | None = None  # only from backends with handles_tools
 
 
+CAPABILITY_ORDER = (Capability.CHAT, Capability.COMPLETION, Capability.TOOLS, Capability.JSON_SCHEMA,
+                    Capability.LOGPROBS, Capability.EMBEDDINGS, Capability.LORA, Capability.TORCH)
+
+
+def ordered(capabilities) -> list[str]:
+    """Capabilities in the order people read them (chat first), unknown ones last, by name."""
+    rank = {c: i for i, c in enumerate(CAPABILITY_ORDER)}
+    return sorted(capabilities, key=lambda c: (rank.get(c, len(rank)), c))
+
+
+# Capabilities that say what the Lab and plugins may reach (not what a request may ask for): a
+# manifest's list never switches them off.
+ACCESS_CAPABILITIES = frozenset({Capability.TORCH, Capability.LORA})
+
+
 class Adapter:
-    """One loaded model of one backend. Methods run on the model's worker thread, never on the loop."""
+    """One loaded model of one backend. Methods run on the model's worker thread, never on the loop.
+
+    Capabilities have one source per moment: before loading, `declared_capabilities(record)` (the
+    registry, /api/models and selection use it); once loaded, the instance's `capabilities` (request
+    checks use it), which the backend computes the same way from the files it actually loaded."""
 
     backend = "base"
-    capabilities: frozenset[str] = frozenset()
+    supported: frozenset[str] = frozenset()  # everything this backend can do for some model
+    capabilities: frozenset[str] = frozenset()  # what this loaded model can do (set by load())
     # True for a backend that applies tools and response_format itself (a remote server): the
     # serving layer then neither prompts for tools nor parses calls, and streams Delta.tool_calls.
     handles_tools: bool = False
@@ -108,6 +129,26 @@ class Adapter:
     @property
     def id(self) -> str:
         return self.record.id
+
+    @classmethod
+    def probe_capabilities(cls, record) -> frozenset[str]:
+        """What a model of this backend can do, read from its files without loading weights
+        (by default everything the backend supports)."""
+        return cls.supported
+
+    @classmethod
+    def declared_capabilities(cls, record) -> list[str]:
+        """Before loading: a curated or built-in manifest's list as its author wrote it; for a
+        discovered model or a manifest that lists none, what the backend reads from the files."""
+        if record.manifest.capabilities and record.origin != "discovered":
+            return list(record.manifest.capabilities)
+        return ordered(cls.probe_capabilities(record))
+
+    def report_capabilities(self, found: set[str] | frozenset[str]) -> None:
+        """After loading: what this model can do, within what its manifest's author declared."""
+        listed = self.manifest.capabilities if self.record.origin != "discovered" else None
+        found = frozenset(found)
+        self.capabilities = found & (frozenset(listed) | ACCESS_CAPABILITIES) if listed else found
 
     def load(self, progress: Callable[[float], None] | None = None) -> None:
         """Load the model; call progress(fraction) as it goes when the backend can tell."""

@@ -12,11 +12,14 @@ from typing import Any
 
 import numpy as np
 
+from adapters.global_state import PATCH_LOCK
 from adapters.gguf import read_string, read_value
 
-__all__ = ["DEFAULT_CONTEXT", "fast_gguf_reads", "gguf_shape", "kv_cache_bytes", "read_json", "safetensors_params"]
+__all__ = ["DEFAULT_CONTEXT", "GENERATIVE_HEADS", "fast_gguf_reads", "gguf_shape", "has_chat_template", "is_causal",
+           "kv_cache_bytes", "read_json", "safetensors_params"]
 
 DEFAULT_CONTEXT = 4096
+GENERATIVE_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -27,7 +30,7 @@ def fast_gguf_reads():
     weights); its np.memmap slicing takes ~10 s per pass over a 49k-token vocabulary, and the
     tensor-name map is rebuilt for each of ~400 tensors. For the duration of a load, the reader
     parses a plain ndarray view of the same mapping (same bytes, no copy) and the name map is
-    memoized. Loads are serialized by the router; the patched names behave exactly as the originals."""
+    memoized, under PATCH_LOCK; the patched names behave exactly as the originals."""
     import gguf
 
     reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
@@ -38,11 +41,12 @@ def fast_gguf_reads():
                 self.data = np.asarray(self.data)
             return super()._get(*args, **kwargs)
 
-    gguf.GGUFReader, gguf.get_tensor_name_map = PlainArrayReader, functools.lru_cache(maxsize=None)(name_map)
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+    with PATCH_LOCK:
+        gguf.GGUFReader, gguf.get_tensor_name_map = PlainArrayReader, functools.lru_cache(maxsize=None)(name_map)
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 def kv_cache_bytes(config: dict[str, Any], n_ctx: int | None, width: int) -> int:
@@ -111,3 +115,22 @@ def read_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def is_causal(config: dict[str, Any]) -> bool:
+    """A generative (decoder) model by its config.json architectures; no architectures: assume so."""
+    architectures = config.get("architectures") or []
+    return not architectures or any(a.endswith(GENERATIVE_HEADS) for a in architectures)
+
+
+def has_chat_template(folder: Path, gguf_file: str | None = None) -> bool:
+    """Whether the tokenizer in `folder` (or the GGUF's header) carries a chat template."""
+    if gguf_file is not None:
+        from adapters.gguf import read_gguf_metadata
+
+        try:
+            return bool(read_gguf_metadata(folder / gguf_file).get("tokenizer.chat_template"))
+        except (OSError, ValueError):
+            return False
+    return bool(read_json(folder / "tokenizer_config.json").get("chat_template")) or any(
+        (folder / name).is_file() for name in ("chat_template.jinja", "chat_template.json"))

@@ -31,10 +31,13 @@ from adapters.errors import (
     LoadFailed,
     Unsupported,
 )
+from adapters.global_state import PATCH_LOCK
 from adapters.hf_files import (
     DEFAULT_CONTEXT,
     fast_gguf_reads,
     gguf_shape,
+    has_chat_template,
+    is_causal,
     kv_cache_bytes,
     read_json,
     safetensors_params,
@@ -48,7 +51,6 @@ __all__ = ["HFTransformersAdapter", "TorchHandle"]
 log = logging.getLogger("omniloader.hf_transformers")
 
 EMBED_BATCH = 32
-_GENERATIVE_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 _TORCH_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
@@ -72,13 +74,24 @@ def _offline() -> None:
 
 class HFTransformersAdapter(Adapter):
     backend = "hf_transformers"
-    # Everything this backend can do; each loaded model declares its own subset (self.capabilities).
-    capabilities = frozenset({Capability.CHAT, Capability.COMPLETION, Capability.EMBEDDINGS, Capability.TOOLS,
+    supported = frozenset({Capability.CHAT, Capability.COMPLETION, Capability.EMBEDDINGS, Capability.TOOLS,
                               Capability.JSON_SCHEMA, Capability.LOGPROBS, Capability.TORCH, Capability.LORA})
+
+    @classmethod
+    def probe_capabilities(cls, record) -> frozenset[str]:
+        """What load() will find, from config.json, the tokenizer files or the GGUF header."""
+        try:
+            path = record.source_path()
+        except LoadFailed:
+            return cls.supported
+        gguf_file = path.name if path.suffix == ".gguf" else record.manifest.params.get("gguf_file")
+        folder = path.parent if path.suffix == ".gguf" else path
+        causal = gguf_file is not None or is_causal(read_json(folder / "config.json"))
+        return _found_capabilities(causal, has_chat_template(folder, gguf_file),
+                                   gguf_file is not None or (folder / "tokenizer.json").is_file())
 
     def __init__(self, record, settings=None) -> None:
         super().__init__(record, settings)
-        self.capabilities = frozenset()
         self._model = None
         self._tokenizer = None
         self._peft = None  # peft.PeftModel wrapping self._model once a LoRA is loaded
@@ -130,11 +143,10 @@ class HFTransformersAdapter(Adapter):
         device, dtype = self._device_and_dtype(torch)
         threads = self.manifest.params.get("threads") or getattr(self.settings, "threads", None)
         if threads:
-            torch.set_num_threads(int(threads))
+            with PATCH_LOCK:  # process-wide: one load sets it at a time
+                torch.set_num_threads(int(threads))
         config = read_json(folder / "config.json")
-        architectures = config.get("architectures") or []
-        self._causal = gguf_file is not None or not architectures or any(
-            a.endswith(_GENERATIVE_HEADS) for a in architectures)
+        self._causal = gguf_file is not None or is_causal(config)
         kwargs = {"local_files_only": True, **({"gguf_file": gguf_file} if gguf_file else {})}
         try:
             with fast_gguf_reads():
@@ -158,14 +170,8 @@ class HFTransformersAdapter(Adapter):
         generation = getattr(self._model, "generation_config", None)
         eos.update(_as_list(getattr(generation, "eos_token_id", None)))
         self._eos = sorted(t for t in eos if t is not None)
-        caps = {Capability.EMBEDDINGS, Capability.TORCH}
-        if self._causal:
-            caps |= {Capability.COMPLETION, Capability.LOGPROBS, Capability.LORA}
-            if self._tokenizer.chat_template:
-                caps.add(Capability.CHAT)
-                if constraints_available() and self._tokenizer.is_fast:
-                    caps |= {Capability.TOOLS, Capability.JSON_SCHEMA}
-        self.capabilities = frozenset(caps)
+        self.report_capabilities(_found_capabilities(self._causal, bool(self._tokenizer.chat_template),
+                                                     self._tokenizer.is_fast))
 
     def unload(self) -> None:
         self._model = self._peft = self._tokenizer = self._constraints = None
@@ -388,3 +394,16 @@ class HFTransformersAdapter(Adapter):
 
 def _as_list(value) -> list:
     return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _found_capabilities(causal: bool, chat_template: bool, fast_tokenizer: bool) -> set[str]:
+    """What a loaded model can do: an encoder embeds; a decoder also completes, scores and takes
+    LoRA; with a chat template it chats; a fast tokenizer lets llguidance constrain its JSON."""
+    caps = {Capability.EMBEDDINGS, Capability.TORCH}
+    if causal:
+        caps |= {Capability.COMPLETION, Capability.LOGPROBS, Capability.LORA}
+        if chat_template:
+            caps.add(Capability.CHAT)
+            if constraints_available() and fast_tokenizer:
+                caps |= {Capability.TOOLS, Capability.JSON_SCHEMA}
+    return caps

@@ -32,6 +32,7 @@ from adapters.logprobs import token_logprob
 from adapters.text import DeltaEmitter
 from adapters.machine import physical_cores
 from adapters.gguf import gguf_footprint
+from adapters.global_state import PATCH_LOCK
 
 __all__ = ["LlamaCppAdapter", "open_llama", "model_params", "plain_cpu_buffers"]
 
@@ -43,7 +44,7 @@ DEFAULT_CONTEXT = 4096
 @contextmanager
 def model_params(*, extra_buffer_types: bool = False, progress: Callable[[float], None] | None = None):
     """Adjust the llama.cpp model params that llama-cpp-python's constructor has no keyword for;
-    the default params are patched for the constructor's duration (loads are serialized).
+    the default params are patched for the constructor's duration, under PATCH_LOCK.
 
     - extra buffer types (AMX, repacking) are off unless asked for: a native build on a CPU that
       advertises AMX compiles AMX kernels in, and on VMs that do not enable the tile state they
@@ -62,11 +63,12 @@ def model_params(*, extra_buffer_types: bool = False, progress: Callable[[float]
             params.progress_callback = callback
         return params
 
-    lib.llama_model_default_params = defaults
-    try:
-        yield
-    finally:
-        lib.llama_model_default_params = original
+    with PATCH_LOCK:
+        lib.llama_model_default_params = defaults
+        try:
+            yield
+        finally:
+            lib.llama_model_default_params = original
 
 
 def plain_cpu_buffers():
@@ -85,7 +87,7 @@ def open_llama(model_path: str, *, extra_buffer_types: bool = False,
 
 class LlamaCppAdapter(Adapter):
     backend = "llama_cpp"
-    capabilities = frozenset({Capability.CHAT, Capability.COMPLETION, Capability.TOOLS, Capability.JSON_SCHEMA,
+    supported = frozenset({Capability.CHAT, Capability.COMPLETION, Capability.TOOLS, Capability.JSON_SCHEMA,
                               Capability.LOGPROBS, Capability.EMBEDDINGS})
 
     def __init__(self, record, settings=None) -> None:
@@ -129,12 +131,14 @@ class LlamaCppAdapter(Adapter):
                 eos_token=model.token_get_text(eos) if eos != -1 else "",
                 bos_token=model.token_get_text(bos) if bos != -1 else "",
             )
+        self.report_capabilities(self.supported)
 
     def unload(self) -> None:
         for llm in (self._llm, self._embedder):
             if llm is not None:
                 llm.close()
         self._llm = self._embedder = None
+        self.capabilities = frozenset()
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Mean-pooled, L2-normalized hidden states from a second context in embedding mode
@@ -201,6 +205,7 @@ class LlamaCppAdapter(Adapter):
         max_new = self.generation_budget(len(prompt), params.max_tokens)
         grammar = self._grammar(params.json_schema) if params.json_schema is not None else None
         llm = self._llm
+        self._prefill_all_but_last(prompt)
         llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
         tokens = llm.generate(
             prompt,
@@ -232,6 +237,23 @@ class LlamaCppAdapter(Adapter):
         finally:
             tokens.close()
         yield emit.finish(finish, len(prompt))
+
+    def _prefill_all_but_last(self, prompt: list[int]) -> None:
+        """Evaluate all of the prompt but its last token, reusing the longest prefix already in the KV
+        cache; llama-cpp-python's generate() then decodes the last token alone. A token's logits depend
+        on the batch it is decoded in, so without this a cached prompt (last token alone) and a fresh
+        one (last token inside the prompt's batch) sample differently: the same seeded request would
+        not give the same output twice."""
+        llm = self._llm
+        head = prompt[:-1]
+        cached = llm.input_ids[: llm.n_tokens]
+        common = 0
+        for ours, theirs in zip(head, cached):
+            if ours != theirs:
+                break
+            common += 1
+        llm.n_tokens = common
+        llm.eval(head[common:])  # drops the cache past `common`, then decodes the rest of the head
 
     def _sampled_logprob(self, token: int, top: int) -> TokenLogprob:
         """Log-probability of the token just sampled, from the raw logits it was sampled from

@@ -30,7 +30,7 @@ from adapters.errors import (
     LoadFailed,
     Unsupported,
 )
-from adapters.hf_files import read_json
+from adapters.hf_files import has_chat_template, read_json
 from adapters.logprobs import token_logprob
 from adapters.text import DeltaEmitter
 from adapters.machine import physical_cores
@@ -98,8 +98,17 @@ class _Signature:
 
 class OnnxRuntimeAdapter(Adapter):
     backend = "onnx_runtime"
-    # Before load; once loaded, `chat` is added when the tokenizer has a chat template.
-    capabilities = frozenset({Capability.COMPLETION, Capability.LOGPROBS})
+    supported = frozenset({Capability.CHAT, Capability.COMPLETION, Capability.LOGPROBS})
+
+    @classmethod
+    def probe_capabilities(cls, record) -> frozenset[str]:
+        """Chat when the folder's tokenizer has a chat template (what load() finds too)."""
+        try:
+            folder = record.source_path()
+        except LoadFailed:
+            return cls.supported
+        folder = folder if folder.is_dir() else folder.parent
+        return cls.supported if has_chat_template(folder) else cls.supported - {Capability.CHAT}
 
     def __init__(self, record, settings=None) -> None:
         super().__init__(record, settings)
@@ -173,7 +182,7 @@ class OnnxRuntimeAdapter(Adapter):
         caps = {Capability.COMPLETION, Capability.LOGPROBS}
         if tok.chat_template:
             caps.add(Capability.CHAT)
-        self.capabilities = frozenset(caps)
+        self.report_capabilities(caps)
 
     def _eos_ids(self, tok) -> list[int]:
         """Every id that ends a sequence: generation_config.json, config.json and the tokenizer's eos."""

@@ -32,6 +32,11 @@ SUPPORTED = frozenset({Capability.CHAT, Capability.COMPLETION})
 
 class VictorCustomAdapter(Adapter):
     backend = "victor_custom"
+    supported = SUPPORTED
+
+    @classmethod
+    def probe_capabilities(cls, record) -> frozenset[str]:
+        return frozenset({Capability.CHAT})  # a runner.py chats; completion only when its manifest says so
 
     def __init__(self, record, settings=None) -> None:
         super().__init__(record, settings)
@@ -40,8 +45,7 @@ class VictorCustomAdapter(Adapter):
         self.timeout = float(params.get("timeout", DEFAULT_TIMEOUT))
         self.load_timeout = float(params.get("load_timeout", DEFAULT_LOAD_TIMEOUT))
         self.max_memory = parse_size(params["max_memory"]) if params.get("max_memory") else None
-        declared = set(self.manifest.capabilities) or {Capability.CHAT}
-        self.capabilities = frozenset(declared & SUPPORTED)
+        self.capabilities = frozenset(set(self.manifest.capabilities or {Capability.CHAT}) & SUPPORTED)
         self.runner = RunnerProcess(self.folder, timeout=self.timeout, start_timeout=self.load_timeout,
                                     max_memory=self.max_memory)
 

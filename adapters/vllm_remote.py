@@ -123,7 +123,7 @@ def _error_message(response: httpx.Response) -> str:
 
 class VllmRemoteAdapter(Adapter):
     backend = "vllm_remote"
-    capabilities = frozenset({Capability.CHAT, Capability.COMPLETION, Capability.TOOLS, Capability.JSON_SCHEMA,
+    supported = frozenset({Capability.CHAT, Capability.COMPLETION, Capability.TOOLS, Capability.JSON_SCHEMA,
                               Capability.LOGPROBS})
     handles_tools = True  # the remote applies tools and response_format; its calls stream back
 
@@ -136,6 +136,7 @@ class VllmRemoteAdapter(Adapter):
     def load(self, progress=None) -> None:
         """Nothing to load: the connection opens with the first request (an unreachable remote
         is a 502 for that request, not a failed load)."""
+        self.report_capabilities(self.supported)
         if progress is not None:
             progress(1.0)
 

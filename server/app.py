@@ -17,13 +17,12 @@ from server.controllers.ops import ops_handlers
 from server.controllers.responses import ResponsesController
 from server.errors import exception_handlers
 from server.keep_alive import parse_keep_alive
-from server.lab.lab_models import RouterBudget
 from server.lab.service import Lab
 from adapters.machine import parse_size
 from server.metrics import Metrics
 from server.middleware import RequestMetricsMiddleware
 from server.registry import Registry
-from server.router import AdapterFactory, ModelRouter, RouterConfig
+from server.runtime import AdapterFactory, ModelPool, PoolConfig
 from server.settings import Settings
 
 __all__ = ["create_app"]
@@ -37,14 +36,13 @@ def create_app(settings: Settings | None = None, *, adapter_factory: AdapterFact
     if adapter_factory is None:
         def adapter_factory(record):
             return create_adapter(record, settings)
-    config = RouterConfig(max_memory=parse_size(settings.max_memory), max_loaded=settings.max_loaded,
-                          max_queue=settings.max_queue, keep_alive=parse_keep_alive(settings.keep_alive))
+    config = PoolConfig(max_memory=parse_size(settings.max_memory), max_loaded=settings.max_loaded,
+                        max_queue=settings.max_queue, keep_alive=parse_keep_alive(settings.keep_alive),
+                        max_copies=max(1, settings.lab_max_copies))
     metrics = Metrics()
-    router = ModelRouter(registry, adapter_factory, config, metrics=metrics)
-    lab_budget = RouterBudget(router)  # the Lab's torch copies count against --max-memory too
-    lab = Lab(registry, Path(settings.lab_dir), adapter_factory, jobs_per_model=settings.lab_jobs_per_model,
-              max_running=settings.lab_max_running, max_copies=settings.lab_max_copies, budget=lab_budget)
-    router.add_reclaimer(lab.models.reclaim_idle)
+    pool = ModelPool(registry, adapter_factory, config, metrics=metrics)  # every loaded instance, one budget
+    lab = Lab(registry, Path(settings.lab_dir), pool, jobs_per_model=settings.lab_jobs_per_model,
+              max_running=settings.lab_max_running)
     background: set[asyncio.Task] = set()
 
     def on_startup() -> None:
@@ -55,23 +53,24 @@ def create_app(settings: Settings | None = None, *, adapter_factory: AdapterFact
         log.info("OmniLoader on http://%s:%d/v1 | default: %s | models: %s%s | memory budget %d MiB",
                  settings.host, settings.port, settings.default_model, names,
                  f" | invalid manifests: {', '.join(bad)}" if bad else "", config.max_memory >> 20)
-        background.add(asyncio.get_running_loop().create_task(router.reaper()))
-        lab_budget.loop = asyncio.get_running_loop()
+        pool.bind(asyncio.get_running_loop())
+        background.add(asyncio.get_running_loop().create_task(pool.reaper()))
         lab.queue.start()
 
     async def on_shutdown() -> None:
         for task in background:
             task.cancel()
         await asyncio.to_thread(lab.queue.close)
-        await router.close()
+        await pool.close()
 
     return Litestar(
         route_handlers=[OpenAIController, ResponsesController, ModelsController, LabController, *ops_handlers],
-        dependencies={"router": Provide(lambda: router, use_cache=True, sync_to_thread=False)},
+        dependencies={"pool": Provide(lambda: pool, use_cache=True, sync_to_thread=False),
+                      "lab": Provide(lambda: lab, use_cache=True, sync_to_thread=False)},
         exception_handlers=exception_handlers,
         on_startup=[on_startup],
         on_shutdown=[on_shutdown],
-        state=State({"settings": settings, "router": router, "metrics": metrics, "lab": lab}),
+        state=State({"settings": settings, "pool": pool, "metrics": metrics, "lab": lab}),
         middleware=[RequestMetricsMiddleware(metrics)],
         logging_config=None,
         openapi_config=None,

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 import msgspec.yaml
 
+from adapters import adapter_class
 from adapters.errors import EngineError, LoadFailed
 from server.errors import InvalidRequestError, ModelNotFound, OpenAIError
 from server.registry_state import STATE_FILE, ModelIntegrity, RegistryState
@@ -187,6 +188,8 @@ class Registry:
         self.default_model = default_model
         self._records: dict[str, ModelRecord] = {}
         self._aliases: dict[str, str] = {}
+        self._capabilities: dict[str, tuple[ModelRecord, list[str]]] = {}
+        self._live_capabilities: dict[str, list[str]] = {}
         self.scanned_at = int(time.time())
         self.state = RegistryState(Path(lab_dir) / STATE_FILE) if lab_dir is not None else None
         self.integrity = ModelIntegrity(self.state) if self.state is not None else None
@@ -338,7 +341,7 @@ class Registry:
 
     def _why_not(self, record: ModelRecord, require: list[str]) -> str | None:
         """Why a record cannot serve a request needing `require`, or None when it can."""
-        caps = record.manifest.capabilities
+        caps = self.capabilities(record)
         if missing := [c for c in require if c not in caps]:
             return f"lacks {', '.join(missing)} (capabilities: {', '.join(caps) or 'none'})"
         try:
@@ -360,6 +363,27 @@ class Registry:
         if row and row.locked and row.sha256 and row.expected_sha256 and row.sha256 != row.expected_sha256:
             return f"is locked to sha256 {row.expected_sha256[:12]}… but last verified as {row.sha256[:12]}…"
         return None
+
+    def capabilities(self, record: ModelRecord) -> list[str]:
+        """What the model can do: what its loaded adapter reports while it is loaded for serving, else
+        what its backend declares before loading (cached per record)."""
+        if (live := self._live_capabilities.get(record.id)) is not None:
+            return live
+        cached = self._capabilities.get(record.id)
+        if cached is None or cached[0] is not record:
+            try:
+                declared = adapter_class(record.manifest.backend).declared_capabilities(record)
+            except EngineError:  # a backend that cannot be imported: only the manifest's word is left
+                declared = list(record.manifest.capabilities)
+            cached = self._capabilities[record.id] = (record, declared)
+        return cached[1]
+
+    def set_live_capabilities(self, model_id: str, capabilities: list[str] | None) -> None:
+        """The pool reports a serving instance's capabilities when it loads (None when it unloads)."""
+        if capabilities is None:
+            self._live_capabilities.pop(model_id, None)
+        else:
+            self._live_capabilities[model_id] = capabilities
 
     def check_integrity(self, record: ModelRecord) -> None:
         """Before a load: re-hash a locked model's files; raises ModelHashMismatch (409) if they

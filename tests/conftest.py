@@ -27,6 +27,7 @@ class LiveServer:
     """`omniloader serve` in a subprocess, as a user runs it."""
 
     def __init__(self, workdir: Path, *args: str) -> None:
+        self.workdir = workdir
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"server-{self.port}.log"

@@ -7,13 +7,15 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-from litestar import Controller, Request, Response, delete, get, post
+from litestar import Controller, Response, delete, get, post
+from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery
 from litestar.response import File, Stream
 
 from server.controllers.auth import require_api_key
 from server.lab.artifacts import artifact_file, list_artifacts
 from server.lab.service import JobNotFound, Lab
+from server.runtime import ModelPool
 from server.protocol.lab import ArtifactList, LabJob, LabJobList, LabModelCopy, LabModelList, SnapshotList
 from server.serving.sse import DONE, SSE_HEADERS, event
 
@@ -25,40 +27,35 @@ _MEDIA = {".json": "application/json", ".md": "text/markdown; charset=utf-8", ".
           ".txt": "text/plain; charset=utf-8"}
 
 
-def _lab(request: Request) -> Lab:
-    return request.app.state.lab
-
-
 class LabController(Controller):
     path = "/lab"
     guards = [require_api_key]
 
     # --- actions (202 + job) -----------------------------------------------------------
     @post("/diagnostics/run", status_code=202, sync_to_thread=True)
-    def diagnostics(self, request: Request, body: bytes) -> LabJob:
-        return _lab(request).submit("diagnostics", body)
+    def diagnostics(self, lab: NamedDependency[Lab], body: bytes) -> LabJob:
+        return lab.submit("diagnostics", body)
 
     @post("/trace", status_code=202, sync_to_thread=True)
-    def trace(self, request: Request, body: bytes) -> LabJob:
-        return _lab(request).submit("trace", body)
+    def trace(self, lab: NamedDependency[Lab], body: bytes) -> LabJob:
+        return lab.submit("trace", body)
 
     @post("/causal_test", status_code=202, sync_to_thread=True)
-    def causal_test(self, request: Request, body: bytes) -> LabJob:
-        return _lab(request).submit("causal_test", body)
+    def causal_test(self, lab: NamedDependency[Lab], body: bytes) -> LabJob:
+        return lab.submit("causal_test", body)
 
     @post("/snapshot", status_code=202, sync_to_thread=True)
-    def snapshot(self, request: Request, body: bytes) -> LabJob:
-        return _lab(request).submit("snapshot", body)
+    def snapshot(self, lab: NamedDependency[Lab], body: bytes) -> LabJob:
+        return lab.submit("snapshot", body)
 
     @post("/rollback", status_code=202, sync_to_thread=True)
-    def rollback(self, request: Request, body: bytes) -> LabJob:
-        return _lab(request).submit("rollback", body)
+    def rollback(self, lab: NamedDependency[Lab], body: bytes) -> LabJob:
+        return lab.submit("rollback", body)
 
     # --- reading ----------------------------------------------------------------------
     @get("/diagnostics/report", sync_to_thread=True)
-    def report(self, request: Request, model: FromQuery[str], format: FromQuery[str] = "json") -> Response:
+    def report(self, lab: NamedDependency[Lab], model: FromQuery[str], format: FromQuery[str] = "json") -> Response:
         """The latest finished diagnostics of a model: its JSON result, or ?format=markdown for report.md."""
-        lab = _lab(request)
         row = lab.latest_report(model)
         if format == "markdown":
             path = artifact_file(lab.lab_dir, f"diagnostics/{row.id}/report.md")
@@ -69,52 +66,47 @@ class LabController(Controller):
                          "report": row.result, "artifacts": lab.job(row).artifacts})
 
     @get("/models")
-    async def models(self, request: Request) -> LabModelList:
-        router = request.app.state.router
-        copies = [LabModelCopy(**c) for c in _lab(request).models.copies()]
-        return LabModelList(data=copies, memory_budget_bytes=router.config.max_memory,
-                            memory_used_bytes=router.used_memory())
+    async def models(self, lab: NamedDependency[Lab], pool: NamedDependency[ModelPool]) -> LabModelList:
+        copies = [LabModelCopy(**c) for c in lab.models.copies()]
+        return LabModelList(data=copies, memory_budget_bytes=pool.config.max_memory,
+                            memory_used_bytes=pool.used_memory())
 
     @get("/snapshots", sync_to_thread=True)
-    def snapshots(self, request: Request, model: FromQuery[str | None] = None) -> SnapshotList:
-        return SnapshotList(data=_lab(request).snapshots(model))
+    def snapshots(self, lab: NamedDependency[Lab], model: FromQuery[str | None] = None) -> SnapshotList:
+        return SnapshotList(data=lab.snapshots(model))
 
     @get("/jobs", sync_to_thread=True)
-    def jobs(self, request: Request, status: FromQuery[str | None] = None, kind: FromQuery[str | None] = None,
+    def jobs(self, lab: NamedDependency[Lab], status: FromQuery[str | None] = None, kind: FromQuery[str | None] = None,
              model: FromQuery[str | None] = None, limit: FromQuery[int] = 100) -> LabJobList:
-        lab = _lab(request)
         model_id = lab.registry.resolve(model).id if model else None
         rows = lab.store.list(status=status, kind=kind, model=model_id, limit=max(1, min(limit, 1000)))
         return LabJobList(data=[lab.job(r) for r in rows])
 
     @get("/jobs/{job_id:str}", sync_to_thread=True)
-    def job(self, request: Request, job_id: FromPath[str]) -> LabJob:
-        lab = _lab(request)
+    def job(self, lab: NamedDependency[Lab], job_id: FromPath[str]) -> LabJob:
         return lab.job(lab.row(job_id))
 
     @delete("/jobs/{job_id:str}", status_code=200, sync_to_thread=True)
-    def cancel(self, request: Request, job_id: FromPath[str]) -> LabJob:
+    def cancel(self, lab: NamedDependency[Lab], job_id: FromPath[str]) -> LabJob:
         """Cancel: a queued job never starts; a running one stops at its engine's next check."""
-        lab = _lab(request)
         lab.row(job_id)
         return lab.job(lab.queue.cancel(job_id))
 
     @get("/jobs/{job_id:str}/events")
-    async def events(self, request: Request, job_id: FromPath[str]) -> Stream:
+    async def events(self, lab: NamedDependency[Lab], job_id: FromPath[str]) -> Stream:
         """SSE: a progress event whenever the job's status, stage, progress or message changes, then the
         final job object and [DONE]."""
-        lab = _lab(request)
         await asyncio.to_thread(lab.row, job_id)
         return Stream(_job_events(lab, job_id), media_type="text/event-stream", headers=SSE_HEADERS)
 
     @get("/artifacts", sync_to_thread=True)
-    def artifacts(self, request: Request, kind: FromQuery[str | None] = None,
+    def artifacts(self, lab: NamedDependency[Lab], kind: FromQuery[str | None] = None,
                   job: FromQuery[str | None] = None) -> ArtifactList:
-        return ArtifactList(data=list_artifacts(_lab(request).lab_dir, kind=kind, job=job))
+        return ArtifactList(data=list_artifacts(lab.lab_dir, kind=kind, job=job))
 
     @get("/artifacts/{path:path}", sync_to_thread=True)
-    def artifact(self, request: Request, path: FromPath[str]) -> File:
-        found = artifact_file(_lab(request).lab_dir, path)
+    def artifact(self, lab: NamedDependency[Lab], path: FromPath[str]) -> File:
+        found = artifact_file(lab.lab_dir, path)
         if found is None:
             raise JobNotFound(f"No artifact `{path.lstrip('/')}`: GET /lab/artifacts lists them.", param="path")
         return File(found, media_type=_MEDIA.get(found.suffix, "application/octet-stream"),

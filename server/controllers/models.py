@@ -9,7 +9,7 @@ from litestar.params import FromPath, FromQuery
 from litestar.response import Stream
 
 from server.controllers.auth import require_api_key
-from server.controllers.leases import leased
+from server.serving.run import leased
 from server.errors import InvalidRequestError, decode_body
 from server.protocol.models import ModelInfo, ModelInfoList, ModelState
 from server.protocol.tokens import (
@@ -20,22 +20,22 @@ from server.protocol.tokens import (
     TokenPiece,
 )
 from server.registry import ROLE_PREFIX, ModelRecord, SelectionResult
-from server.router import ModelRouter
+from server.runtime import ModelPool
 from server.serving.load_progress import load_events
 from server.serving.sse import SSE_HEADERS
 
 __all__ = ["ModelsController", "model_info"]
 
 
-def model_info(record: ModelRecord, router: NamedDependency[ModelRouter]) -> ModelInfo:
+def model_info(record: ModelRecord, pool: NamedDependency[ModelPool]) -> ModelInfo:
     m = record.manifest
     if m is None:
         return ModelInfo(id=record.id, backend=None, source=None, origin=record.origin, state="invalid",
                          manifest_path=record.manifest_path, error=record.error)
     return ModelInfo(id=record.id, backend=m.backend, source=m.source, origin=record.origin,
-                     state=router.state(record.id), aliases=m.aliases, roles=m.roles,
-                     capabilities=m.capabilities, context_length=m.context_length,
-                     manifest_path=record.manifest_path, error=router.load_error(record.id))
+                     state=pool.state(record.id), aliases=m.aliases, roles=m.roles,
+                     capabilities=pool.registry.capabilities(record), context_length=m.context_length,
+                     manifest_path=record.manifest_path, error=pool.load_error(record.id))
 
 
 class ModelsController(Controller):
@@ -43,63 +43,63 @@ class ModelsController(Controller):
     guards = [require_api_key]
 
     @get("/")
-    async def list_models(self, router: NamedDependency[ModelRouter]) -> ModelInfoList:
-        return ModelInfoList(data=[model_info(r, router) for r in router.registry.records()])
+    async def list_models(self, pool: NamedDependency[ModelPool]) -> ModelInfoList:
+        return ModelInfoList(data=[model_info(r, pool) for r in pool.registry.records()])
 
     @get("/select")
-    async def select(self, router: NamedDependency[ModelRouter], name: FromQuery[str | None] = None,
+    async def select(self, pool: NamedDependency[ModelPool], name: FromQuery[str | None] = None,
                      role: FromQuery[str | None] = None,
                      require: FromQuery[list[str] | None] = None) -> SelectionResult:
         """Which model `name` (id, alias, role:<role>) or `role` picks with the `require`d capabilities
         (comma-separated or repeated), why, and which candidates were passed over; 404 if none."""
         if (name is None) == (role is None):
             raise InvalidRequestError("Give exactly one of `name` or `role`.", param="name")
-        return router.registry.select(name if name is not None else ROLE_PREFIX + role, require).result()
+        return pool.registry.select(name if name is not None else ROLE_PREFIX + role, require).result()
 
     @post("/rescan", status_code=200)
-    async def rescan(self, router: NamedDependency[ModelRouter]) -> ModelInfoList:
+    async def rescan(self, pool: NamedDependency[ModelPool]) -> ModelInfoList:
         """Re-read manifests and re-discover models/ now (hot reload), then list them."""
-        await asyncio.to_thread(router.registry.scan)
-        return ModelInfoList(data=[model_info(r, router) for r in router.registry.records()])
+        await asyncio.to_thread(pool.registry.scan)
+        return ModelInfoList(data=[model_info(r, pool) for r in pool.registry.records()])
 
     @post("/register", status_code=200)
-    async def register(self, request: Request, router: NamedDependency[ModelRouter]) -> ModelInfo:
-        record = router.registry.register(await request.body())
-        return model_info(record, router)
+    async def register(self, request: Request, pool: NamedDependency[ModelPool]) -> ModelInfo:
+        record = pool.registry.register(await request.body())
+        return model_info(record, pool)
 
     @post("/{model_id:str}/load", status_code=200)
-    async def load(self, model_id: FromPath[str], router: NamedDependency[ModelRouter],
+    async def load(self, model_id: FromPath[str], pool: NamedDependency[ModelPool],
                    stream: FromQuery[bool] = False) -> Response:
         """Load now; with ?stream=true, SSE progress events while it loads."""
-        record = router.registry.resolve(model_id)
+        record = pool.registry.resolve(model_id)
         if stream:
-            return Stream(load_events(router, record.id), media_type="text/event-stream", headers=SSE_HEADERS)
-        await router.load(record.id)
-        return Response(ModelState(id=record.id, state=router.state(record.id)))
+            return Stream(load_events(pool, record.id), media_type="text/event-stream", headers=SSE_HEADERS)
+        await pool.load(record.id)
+        return Response(ModelState(id=record.id, state=pool.state(record.id)))
 
     @post("/{model_id:str}/unload", status_code=200)
-    async def unload(self, model_id: FromPath[str], router: NamedDependency[ModelRouter]) -> ModelState:
-        record = router.registry.resolve(model_id)
-        await router.unload(record.id)
-        return ModelState(id=record.id, state=router.state(record.id))
+    async def unload(self, model_id: FromPath[str], pool: NamedDependency[ModelPool]) -> ModelState:
+        record = pool.registry.resolve(model_id)
+        await pool.unload(record.id)
+        return ModelState(id=record.id, state=pool.state(record.id))
 
     @post("/{model_id:str}/tokenize", status_code=200)
     async def tokenize(self, model_id: FromPath[str], request: Request,
-                       router: NamedDependency[ModelRouter]) -> TokenizeResponse:
+                       pool: NamedDependency[ModelPool]) -> TokenizeResponse:
         req: TokenizeRequest = decode_body(await request.body(), TokenizeRequest)
         def run(adapter):
             ids = adapter.tokenize(req.text, special=req.special)
             pieces = [TokenPiece(i, adapter.detokenize([i])) for i in ids] if req.with_pieces else None
             return ids, pieces
 
-        async with leased(router, request, model_id) as lease:
+        async with leased(pool, request, model_id) as lease:
             ids, pieces = await lease.call(run)
         return TokenizeResponse(model=lease.model_id, tokens=ids, count=len(ids), pieces=pieces)
 
     @post("/{model_id:str}/detokenize", status_code=200)
     async def detokenize(self, model_id: FromPath[str], request: Request,
-                         router: NamedDependency[ModelRouter]) -> DetokenizeResponse:
+                         pool: NamedDependency[ModelPool]) -> DetokenizeResponse:
         req: DetokenizeRequest = decode_body(await request.body(), DetokenizeRequest)
-        async with leased(router, request, model_id) as lease:
+        async with leased(pool, request, model_id) as lease:
             text = await lease.call(lambda adapter: adapter.detokenize(req.tokens))
         return DetokenizeResponse(model=lease.model_id, text=text)

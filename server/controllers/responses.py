@@ -7,10 +7,9 @@ from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath
-from litestar.response import Stream
 
+from adapters.errors import HINT_PROMPT, HINT_SCHEMA
 from server.controllers.auth import require_api_key
-from server.controllers.leases import acquire, released_after
 from server.controllers.openai import require_chat_capabilities
 from server.errors import decode_body
 from server.protocol.responses import (
@@ -18,9 +17,9 @@ from server.protocol.responses import (
     ResponseDeleted,
     ResponseObject,
 )
-from server.router import ModelRouter
+from server.runtime import Lease, ModelPool
 from server.serving.chat_run import chat_run
-from server.serving.generation import Generation, chat_params, chat_tool_mode
+from server.serving.generation import chat_params, chat_tool_mode
 from server.serving.responses import (
     ResponseNotFound,
     ResponseRun,
@@ -31,10 +30,12 @@ from server.serving.responses import (
     response_sse,
     stored_row,
 )
-from server.serving.sse import SSE_HEADERS
+from server.serving.run import Generation, Surface, run_generation
 from server.storage.responses_store import ResponseStore
 
 __all__ = ["ResponsesController", "responses_store"]
+
+RESPONSES = Surface("responses", {HINT_PROMPT: "input", HINT_SCHEMA: "text.format"})
 
 
 def responses_store(state: State) -> ResponseStore:
@@ -51,7 +52,7 @@ class ResponsesController(Controller):
     dependencies = {"store": Provide(responses_store, sync_to_thread=False)}
 
     @post("/", status_code=200)
-    async def create(self, request: Request, router: NamedDependency[ModelRouter],
+    async def create(self, request: Request, pool: NamedDependency[ModelPool],
                      store: NamedDependency[ResponseStore]) -> Response:
         req: ResponseCreateRequest = decode_body(await request.body(), ResponseCreateRequest)
         history = []
@@ -63,29 +64,30 @@ class ResponsesController(Controller):
         chat, conversation = chat_request(req, history)
         mode = chat_tool_mode(chat)
         params = chat_params(chat, {}, mode)  # validates before any model is loaded
-        lease = await acquire(router, request, chat.model, req.keep_alive)
-        try:
-            adapter = lease.adapter
-            require_chat_capabilities(adapter, mode, params, input_param="input", format_param="text.format")
-            params = chat_params(chat, adapter.manifest.defaults, mode)
-            gen = Generation(lease, params, "responses")
+        surface = RESPONSES.naming(json_schema="tools") if mode.kind == "forced" else RESPONSES
+
+        async def start(lease: Lease) -> tuple[ResponseRun, Generation]:
+            require_chat_capabilities(lease.adapter, mode, params, input_param="input", format_param="text.format")
+            full = chat_params(chat, lease.defaults, mode)
+            gen = Generation(lease, full, surface)
             await gen.start()  # errors before the first token become a real HTTP status
-        except BaseException:
-            lease.release()
-            raise
+            return ResponseRun(new_response(req, lease.name, full.temperature, full.top_p)), gen
 
         async def save(response: ResponseObject) -> None:
             await store.save(stored_row(response, conversation))
 
-        run = ResponseRun(new_response(req, adapter.id, params.temperature, params.top_p))
         on_done = save if req.store is not False else None
-        if req.stream:
-            return Stream(released_after(lease, response_sse(run, chat_run(gen, mode), on_done)),
-                          media_type="text/event-stream", headers=SSE_HEADERS)
-        try:
-            return Response(await response_object(run, chat_run(gen, mode), on_done))
-        finally:
-            lease.release()  # the model is free again; the row is already saved
+
+        def stream(started):
+            run, gen = started
+            return response_sse(run, chat_run(gen, mode), on_done)
+
+        async def collect(started):
+            run, gen = started
+            return await response_object(run, chat_run(gen, mode), on_done)  # saved before the model is free
+
+        return await run_generation(pool, request, model=chat.model, keep_alive=req.keep_alive, surface=surface,
+                                    start=start, stream=stream if req.stream else None, collect=collect)
 
     @get("/{response_id:str}")
     async def retrieve(self, response_id: FromPath[str], store: NamedDependency[ResponseStore]) -> Response:

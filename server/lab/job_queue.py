@@ -22,7 +22,8 @@ import msgspec
 
 from lab_engines import ENGINES
 from lab_engines.context import JobCancelled, JobContext
-from server.errors import OpenAIError
+from adapters.errors import EngineError
+from server.errors import OpenAIError, from_engine
 from server.lab.job_store import JobRow, JobStore
 from server.lab.lab_models import LabModels
 
@@ -56,6 +57,8 @@ class LiveJob:
 
 
 def _error(exc: BaseException) -> dict:
+    if isinstance(exc, EngineError):
+        exc = from_engine(exc)
     if isinstance(exc, OpenAIError):
         return {"message": exc.message, "type": exc.type, "code": exc.code, "param": exc.param}
     if isinstance(exc, ValueError):
@@ -100,7 +103,6 @@ class JobQueue:
             self._cond.notify_all()
         for thread in self._threads:
             thread.join(timeout)
-        self.models.close()
 
     # --- requests -------------------------------------------------------------------------
     def submit(self, kind: str, model: str, spec: dict) -> JobRow:
@@ -195,7 +197,7 @@ class JobQueue:
             self.store.finish(row.id, "cancelled", progress=live.progress, message="cancelled")
             log.info("lab: %s %s cancelled", row.kind, row.id)
         except Exception as exc:
-            if not isinstance(exc, ValueError | OpenAIError):
+            if not isinstance(exc, ValueError | OpenAIError | EngineError):
                 log.exception("lab: %s %s failed", row.kind, row.id)
             self.store.finish(row.id, "failed", error=_error(exc), progress=live.progress, message="failed")
         finally:

@@ -11,9 +11,10 @@ from server.errors import InvalidRequestError, OpenAIError, decode_body
 from server.lab.artifacts import ARTIFACTS_URL
 from server.lab.job_queue import JobQueue
 from server.lab.job_store import JobRow, JobStore
-from server.lab.lab_models import LabModels, MemoryBudget, lab_record
+from server.lab.lab_models import LabModels, lab_record
 from server.protocol.lab import LabJob, Snapshot
 from server.registry import Registry
+from server.runtime import ModelPool
 
 __all__ = ["JobNotFound", "Lab", "LabUnavailable"]
 
@@ -31,12 +32,12 @@ class LabUnavailable(OpenAIError):
 
 
 class Lab:
-    def __init__(self, registry: Registry, lab_dir: Path, adapter_factory, *, jobs_per_model: int = 1,
-                 max_running: int = 2, max_copies: int = 1, budget: MemoryBudget | None = None) -> None:
+    def __init__(self, registry: Registry, lab_dir: Path, pool: ModelPool, *, jobs_per_model: int = 1,
+                 max_running: int = 2) -> None:
         self.registry = registry
         self.lab_dir = Path(lab_dir)
         self.store = JobStore(self.lab_dir / "jobs.sqlite3")
-        self.models = LabModels(registry, adapter_factory, max_copies=max_copies, budget=budget)
+        self.models = LabModels(registry, pool)
         self.queue = JobQueue(self.store, self.models, self.lab_dir, jobs_per_model=jobs_per_model,
                               max_running=max_running)
 

@@ -26,7 +26,7 @@ from server.protocol.chat import (
 )
 from server.protocol.common import Usage
 from server.serving.chat_run import Finish, TextDelta, ToolCallArgs, ToolCallStart, chat_run
-from server.serving.generation import Generation
+from server.serving.run import Generation
 from server.serving.sse import DONE, error_event, event
 from server.serving.tools import ToolMode
 

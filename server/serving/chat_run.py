@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import msgspec
 
 from adapters.base import TokenLogprob, Usage
-from server.serving.generation import Generation
+from server.serving.run import Generation
 from server.serving.tools import ForcedCallParser, ToolMode, new_call_id, parse_auto_call
 
 __all__ = ["TextDelta", "ToolCallStart", "ToolCallArgs", "Finish", "ChatEvent", "chat_run"]

@@ -7,9 +7,10 @@ import uuid
 from collections.abc import AsyncIterator
 
 from adapters.base import TokenLogprob
+from adapters.errors import EngineError
 from server.protocol.completions import Completion, CompletionChoice, CompletionLogprobs
 from server.serving.chat import total_usage
-from server.serving.generation import Generation
+from server.serving.run import Generation
 from server.serving.sse import DONE, error_event, event
 
 __all__ = ["CompletionJob", "text_completion", "completion_events"]
@@ -30,7 +31,10 @@ class CompletionJob:
             scored = []
             if self.echo and self.logprobs is not None:
                 top = self.logprobs
-                scored = await self.gen.worker.call(lambda adapter: adapter.score_prompt(self.prompt, top))
+                try:
+                    scored = await self.gen.worker.call(lambda adapter: adapter.score_prompt(self.prompt, top))
+                except EngineError as exc:
+                    raise self.gen.surface.error(exc) from exc
             self.prefix = (self.prompt if self.echo else "", scored)
             await self.gen.start()
         return self.prefix

@@ -12,7 +12,7 @@ from server.protocol.embeddings import (
     EmbeddingRequest,
     EmbeddingUsage,
 )
-from server.router import Lease
+from server.runtime import Lease
 
 __all__ = ["embed"]
 

@@ -1,19 +1,14 @@
-"""Request Structs -> GenerateParams, and running one generation on a model's worker."""
+"""OpenAI request Structs -> GenerateParams: sampling with the manifest's defaults, tool modes, JSON schemas."""
 from __future__ import annotations
 
-import logging
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import jsonschema
 
-from adapters.base import Delta, GenerateParams
-from adapters.worker import TokenStream
+from adapters.base import GenerateParams
 from server.errors import InvalidRequestError
 from server.protocol.chat import ChatCompletionRequest
 from server.protocol.completions import CompletionRequest
-from server.router import Lease
 from server.serving.tools import (
     ToolMode,
     forced_call_schema,
@@ -22,9 +17,7 @@ from server.serving.tools import (
     tool_system_prompt,
 )
 
-__all__ = ["chat_params", "chat_tool_mode", "completion_params", "check_schema", "Generation"]
-
-log = logging.getLogger("omniloader.requests")
+__all__ = ["chat_params", "chat_tool_mode", "completion_params", "check_schema"]
 
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
              "repeat_penalty", "seed")
@@ -113,53 +106,3 @@ def completion_params(req: CompletionRequest, prompt: str, defaults: dict[str, A
     top = req.logprobs or 0
     return GenerateParams(prompt=prompt, max_tokens=req.max_tokens, suffix=req.suffix, logprobs=req.logprobs is not None,
                           top_logprobs=top, request=req, **_sampling(req, defaults))
-
-
-@dataclass
-class Generation:
-    """One generation in flight: start() waits for the first delta, so anything that fails
-    before the first token (context too long, bad template) fails before any byte is sent."""
-
-    worker: Lease  # the request's hold on a model worker
-    params: GenerateParams
-    endpoint: str
-    stream: TokenStream | None = None
-    first: Delta | None = None
-    started_at: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-
-    async def start(self) -> Delta:
-        params = self.params
-        self.started_at = time.perf_counter()
-        self.stream = self.worker.stream(lambda adapter, cancel: adapter.generate(params, cancel))
-        try:
-            self.first = await anext(self.stream)
-        except BaseException:
-            self.stream.close()
-            raise
-        self.first_token_at = time.perf_counter()
-        return self.first
-
-    async def deltas(self):
-        """All deltas, the first included; the last carries finish_reason and usage."""
-        if self.first is None:
-            await self.start()
-        try:
-            delta = self.first
-            while True:
-                yield delta
-                if delta.finish_reason is not None:
-                    self._log(delta)
-                    return
-                delta = await anext(self.stream)
-        finally:
-            self.stream.close()  # finished, failed or client gone: the worker stops within a token
-
-    def _log(self, last: Delta) -> None:
-        usage = last.usage
-        ttft, total = (self.first_token_at or self.started_at) - self.started_at, time.perf_counter() - self.started_at
-        if usage is not None:
-            self.worker.observe_generation(usage.prompt_tokens, usage.completion_tokens, ttft, total)
-        log.info("%s model=%s prompt_tokens=%s completion_tokens=%s ttft=%.3fs total=%.3fs finish=%s",
-                 self.endpoint, self.worker.adapter.id, usage and usage.prompt_tokens,
-                 usage and usage.completion_tokens, ttft, total, last.finish_reason)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import msgspec
 
-from server.router import ModelRouter
+from server.runtime import ModelPool
 from server.serving.sse import DONE, error_event, event
 
 __all__ = ["LoadProgress", "load_events"]
@@ -23,18 +23,18 @@ class LoadProgress(msgspec.Struct):
     seconds: float
 
 
-async def load_events(router: ModelRouter, model_id: str) -> AsyncIterator[bytes]:
+async def load_events(pool: ModelPool, model_id: str) -> AsyncIterator[bytes]:
     started = time.perf_counter()
 
     def report(status: str, fraction: float) -> bytes:
         return event(LoadProgress(model_id, status, round(fraction, 3), round(time.perf_counter() - started, 3)))
 
-    if model_id in router.resident():
+    if model_id in pool.resident():
         yield report("loaded", 1.0)
         yield DONE
         return
     updates: asyncio.Queue[float] = asyncio.Queue()
-    loading = asyncio.ensure_future(router.load(model_id, progress=updates.put_nowait))
+    loading = asyncio.ensure_future(pool.load(model_id, progress=updates.put_nowait))
     yield report("loading", 0.0)
     sent = 0.0
 

@@ -224,6 +224,32 @@ def test_completion_echo_and_embeddings_on_the_causal_model(hf_client, hf_server
     assert vector == pytest.approx((hidden / hidden.norm()).numpy(), abs=1e-5)
 
 
+def test_a_discovered_hf_folder_is_selected_for_what_it_serves(hf_server, hf_client, tiny_dir):
+    """One source of truth for capabilities: a folder found in models/ (no manifest) declares what
+    the backend will serve (tools and JSON schemas through llguidance), selection by capability
+    agrees, and the loaded model reports the same list."""
+    (hf_server.workdir / "models" / "found-llama").symlink_to(tiny_dir, target_is_directory=True)
+    httpx.post(hf_server.base_url + "/api/models/rescan", timeout=60).raise_for_status()
+
+    def listed():
+        models = httpx.get(hf_server.base_url + "/api/models", timeout=60).json()["data"]
+        return next(m for m in models if m["id"] == "found-llama")
+
+    before = listed()
+    assert before["origin"] == "discovered" and before["state"] == "unloaded"
+    assert {"chat", "tools", "json_schema", "logprobs"} <= set(before["capabilities"])
+    chosen = httpx.get(hf_server.base_url + "/api/models/select", timeout=60,
+                       params={"name": "found-llama", "require": "tools,json_schema"})
+    assert chosen.status_code == 200 and chosen.json()["model"] == "found-llama", chosen.text
+    tool = {"type": "function", "function": {"name": "ping", "parameters": {
+        "type": "object", "required": ["n"], "properties": {"n": {"type": "integer"}}}}}
+    resp = _chat(hf_client, model="found-llama", tools=[tool], tool_choice="required", max_tokens=20)
+    assert resp.choices[0].message.tool_calls[0].function.name == "ping"
+    after = listed()
+    assert after["state"] == "loaded" and after["capabilities"] == before["capabilities"]
+    httpx.post(hf_server.base_url + "/api/models/found-llama/unload", timeout=60).raise_for_status()
+
+
 # --- embeddings with all-MiniLM-L6-v2 -----------------------------------------------------------
 
 SENTENCES = ["A man is playing a guitar.", "Someone is strumming a guitar.", "The stock market fell sharply today."]

@@ -98,9 +98,10 @@ def test_stream_is_named_sse_without_done_and_the_sdk_helper_accumulates_it(clie
     for block in blocks:
         event_line, data_line = block.split("\n")
         assert event_line == f"event: {json.loads(data_line.removeprefix('data: '))['type']}"
-    with client.responses.stream(input="Hi", max_output_tokens=16, **GREEDY) as stream:
+    # Room for the whole answer: the SDK's helper wants `response.completed`, not `response.incomplete`.
+    with client.responses.stream(input="Hi", max_output_tokens=48, **GREEDY) as stream:
         final = stream.get_final_response()
-    assert final.output_text == client.responses.create(input="Hi", max_output_tokens=16, **GREEDY).output_text
+    assert final.output_text == client.responses.create(input="Hi", max_output_tokens=48, **GREEDY).output_text
 
 
 def test_required_tool_call_is_a_function_call_item_valid_for_its_schema(client):

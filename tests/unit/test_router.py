@@ -1,4 +1,4 @@
-"""Router and worker logic with an injected clock, a fake memory probe and fake adapters (the
+"""Pool (router) and worker logic with an injected clock, a fake memory probe and fake adapters (the
 real engine is covered in tests/api)."""
 import asyncio
 import threading
@@ -9,7 +9,7 @@ import pytest
 from adapters.base import Adapter, Delta, GenerateParams, Usage
 from server.errors import ClientGone, InsufficientMemory, ModelLoadError, ModelNotFound, QueueFull
 from server.registry import Registry
-from server.router import ModelRouter, RouterConfig
+from server.runtime import LAB, ModelPool, PoolConfig
 
 MiB = 1 << 20
 
@@ -55,7 +55,7 @@ class Clock:
 
 
 def make_router(tmp_path, log, *, sizes=None, fail=(), budget=1000 * MiB, max_loaded=8, max_queue=4,
-                keep_alive=300.0, parallel=None):
+                keep_alive=300.0, parallel=None, max_copies=1):
     """Models a, b, c (+ the built-in default) with the given sizes in MiB."""
     sizes = sizes or {"a": 100, "b": 100, "c": 100}
     for name in sizes:
@@ -72,8 +72,9 @@ def make_router(tmp_path, log, *, sizes=None, fail=(), budget=1000 * MiB, max_lo
         return FakeAdapter(record, log, sizes.get(record.id, 100) * MiB, fail=broken)
 
     clock = Clock()
-    config = RouterConfig(max_memory=budget, max_loaded=max_loaded, max_queue=max_queue, keep_alive=keep_alive)
-    return ModelRouter(reg, factory, config, clock=clock, memory_probe=lambda: 0), clock
+    config = PoolConfig(max_memory=budget, max_loaded=max_loaded, max_queue=max_queue, keep_alive=keep_alive,
+                        max_copies=max_copies)
+    return ModelPool(reg, factory, config, clock=clock, memory_probe=lambda: 0), clock
 
 
 async def run(lease, tag, n=5):
@@ -176,7 +177,7 @@ def test_a_busy_model_is_never_evicted_mid_request(tmp_path):
         loading = asyncio.ensure_future(router.acquire("b"))  # must wait: a busy, c idle -> evicts c
         lease = await asyncio.wait_for(loading, 2)
         lease.release()
-        assert "a" in router.resident() and busy.resident.active == 1
+        assert "a" in router.resident() and busy.instance.active == 1
         await router.close()
 
     asyncio.run(main())
@@ -250,11 +251,11 @@ def test_a_client_that_disconnects_while_queued_leaves_the_queue(tmp_path):
         gone = asyncio.Event()
         waiting = asyncio.ensure_future(router.acquire("a", disconnected=gone.wait))
         await asyncio.sleep(0.01)
-        assert held.resident.waiting == 1
+        assert held.instance.waiting == 1
         gone.set()
         with pytest.raises(ClientGone):
             await waiting
-        assert held.resident.waiting == 0
+        assert held.instance.waiting == 0
         held.release()
         (await asyncio.wait_for(router.acquire("a"), 1)).release()  # the slot was not lost
         await router.close()
@@ -332,23 +333,13 @@ def test_closing_a_stream_cancels_generation_and_skips_queued_jobs(tmp_path):
     assert ("end", "long") not in log  # cut off mid-way, its generator closed by the worker
 
 
-# --- memory held outside the router (the Lab's copies) ----------------------------------------
-class FakeLabCopies:
-    """Holders of reserved memory as LabModels is one: idle ones can be reclaimed."""
-
-    def __init__(self, router, log):
-        self.router, self.log, self.idle = router, log, []
-
-    def reclaim(self) -> bool:
-        if not self.idle:
-            return False
-        key = self.idle.pop(0)
-        self.log.append(("reclaim", key))
-        self.router.release(key)
-        return True
+# --- the Lab's copies: the same pool, the same budget ------------------------------------------
+def lab_copy(router, name):
+    """A Lab copy of model `name` checked out of the pool (what a Lab job holds while it runs)."""
+    return router.checkout(router.registry.get(name), purpose=LAB)
 
 
-def test_a_reservation_evicts_idle_models_and_counts_in_the_budget(tmp_path):
+def test_a_lab_copy_evicts_idle_models_and_counts_in_the_budget(tmp_path):
     log = []
 
     async def main():
@@ -356,51 +347,68 @@ def test_a_reservation_evicts_idle_models_and_counts_in_the_budget(tmp_path):
         for name in ("a", "b"):
             (await router.acquire(name)).release()
             clock.now += 10
-        await router.reserve("lab:a:1", 100 * MiB, "a Lab copy")  # 300 > 250: a (least recent) goes
+        copy = await lab_copy(router, "c")  # 300 > 250: a (least recent) goes
         assert router.resident() == ["b"] and router.used_memory() == 200 * MiB
-        assert router.reserved_memory() == 100 * MiB
-        router.release("lab:a:1")
-        router.release("lab:a:1")  # twice is harmless
-        assert router.used_memory() == 100 * MiB
+        assert [i.memory for i in router.instances(LAB)] == [100 * MiB]
+        copy.release()
+        copy.release()  # twice is harmless
+        assert router.used_memory() == 200 * MiB  # an idle copy stays loaded for the next job
+        assert (await lab_copy(router, "c")).instance is copy.instance  # ... and is reused
         await router.close()
 
     asyncio.run(main())
     assert ("unload", "a") in log and ("unload", "b") in log
+    assert len([e for e in log if e[0] == "load" and e[1] == "c"]) == 1
 
 
-def test_a_load_reclaims_idle_reserved_memory_before_evicting_models(tmp_path):
+def test_a_load_frees_idle_lab_copies_before_evicting_models(tmp_path):
     log = []
 
     async def main():
         router, _ = make_router(tmp_path, log, budget=250 * MiB)
-        lab = FakeLabCopies(router, log)
-        router.add_reclaimer(lab.reclaim)
         (await router.acquire("a")).release()
-        await router.reserve("lab:x:1", 100 * MiB, "a Lab copy")
-        lab.idle.append("lab:x:1")
+        (await lab_copy(router, "c")).release()  # idle now
         (await router.acquire("b")).release()  # 300 > 250: the idle copy goes, a stays
-        assert sorted(router.resident()) == ["a", "b"] and router.reserved_memory() == 0
-        assert ("reclaim", "lab:x:1") in log and not [e for e in log if e[0] == "unload"]
+        assert sorted(router.resident()) == ["a", "b"] and router.instances(LAB) == []
+        assert [e for e in log if e[0] == "unload"] == [("unload", "c")]
         await router.close()
 
     asyncio.run(main())
 
 
-def test_busy_reserved_memory_that_leaves_no_room_is_a_507_and_nothing_is_lost(tmp_path):
+def test_busy_lab_copies_that_leave_no_room_are_a_507_and_nothing_is_lost(tmp_path):
     log = []
 
     async def main():
-        router, _ = make_router(tmp_path, log, budget=250 * MiB)
-        router.add_reclaimer(FakeLabCopies(router, log).reclaim)  # nothing idle to give back
-        await router.reserve("lab:x:1", 200 * MiB, "a Lab copy")
+        router, _ = make_router(tmp_path, log, budget=250 * MiB, sizes={"a": 100, "b": 100, "c": 200, "big": 300})
+        copy = await lab_copy(router, "c")  # a job holds it
         with pytest.raises(InsufficientMemory, match="running Lab jobs hold 200 MiB"):
             await router.acquire("a")
         with pytest.raises(InsufficientMemory, match="more than the whole budget"):
-            await router.reserve("lab:y:1", 300 * MiB, "another copy")
-        assert router.reserved_memory() == 200 * MiB
-        router.release("lab:x:1")
-        (await router.acquire("a")).release()  # fits once the job is done
+            await lab_copy(router, "big")
+        assert router.used_memory() == 200 * MiB
+        copy.release()
+        (await router.acquire("a")).release()  # fits once the job is done (its idle copy gives way)
         assert router.resident() == ["a"]
+        await router.close()
+
+    asyncio.run(main())
+
+
+def test_lab_copies_beyond_max_copies_are_dropped_least_recently_used_first(tmp_path):
+    log = []
+
+    async def main():
+        router, clock = make_router(tmp_path, log, max_copies=2)
+        for name in ("a", "b"):
+            (await lab_copy(router, name)).release()
+            clock.now += 10
+        (await lab_copy(router, "c")).release()  # a third copy: the least recently used (a) goes
+        assert sorted(i.model_id for i in router.instances(LAB)) == ["b", "c"]
+        busy = await lab_copy(router, "b")
+        second = await lab_copy(router, "b")  # b's copy is busy: a second copy of b loads, c gives way
+        assert second.instance is not busy.instance
+        assert sorted(i.model_id for i in router.instances(LAB)) == ["b", "b"]
         await router.close()
 
     asyncio.run(main())
