@@ -15,6 +15,7 @@ import numpy as np
 
 from adapters.base import GenerateParams
 from adapters.errors import HINT_SCHEMA, InvalidInput
+from adapters.tokens import byte_level_bytes
 
 __all__ = [
     "PENALTY_LAST_N",
@@ -28,19 +29,6 @@ __all__ = [
 PENALTY_LAST_N = 64  # as llama.cpp: repeat/frequency/presence penalties look at the last 64 tokens
 
 
-def _bytes_to_unicode() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, reversed: printable stand-in character -> byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
 def token_bytes_table(tokenizer, n_vocab: int) -> list[bytes]:
     """Each token id's exact bytes (special tokens render as nothing, as llama.cpp does), so
     streamed text, logprob bytes and stop strings never depend on how a piece is decoded."""
@@ -49,13 +37,13 @@ def token_bytes_table(tokenizer, n_vocab: int) -> list[bytes]:
     tokens = tokenizer.convert_ids_to_tokens(list(range(min(n_vocab, len(tokenizer)))))
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     table: list[bytes] = []
-    byte_level = _bytes_to_unicode() if '"ByteLevel"' in kinds else None
+    byte_level = '"ByteLevel"' in kinds
     for i, token in enumerate(tokens):
         if token is None or i in special:
             table.append(b"")
-        elif byte_level is not None:
-            table.append(bytes(byte_level[c] for c in token) if all(c in byte_level for c in token)
-                         else token.encode())
+        elif byte_level:
+            raw = byte_level_bytes(token)
+            table.append(raw if raw is not None else token.encode())
         elif token.startswith("<0x") and token.endswith(">") and len(token) == 6:  # sentencepiece byte fallback
             table.append(bytes([int(token[3:5], 16)]))
         elif '"Metaspace"' in kinds or '"▁"' in kinds:

@@ -42,6 +42,7 @@ from adapters.hf_files import (
 from adapters.hf_sampling import Sampler, constraints_available, token_bytes_table
 from adapters.logprobs import token_logprob
 from adapters.text import DeltaEmitter
+from adapters.tokens import check_token_ids
 
 __all__ = ["HFTransformersAdapter", "TorchHandle"]
 
@@ -197,10 +198,7 @@ class HFTransformersAdapter(Adapter):
         return self._tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def detokenize(self, ids: list[int]) -> str:
-        n_vocab = len(self._pieces)
-        bad = next((t for t in ids if not 0 <= t < n_vocab), None)
-        if bad is not None:
-            raise InvalidInput(f"Token id {bad} is outside the vocabulary (0..{n_vocab - 1}).", hint=HINT_TOKENS)
+        check_token_ids(ids, len(self._pieces), HINT_TOKENS)
         return self._tokenizer.decode(ids)
 
     def render_chat(self, messages: list[dict]) -> str:
@@ -249,9 +247,7 @@ class HFTransformersAdapter(Adapter):
         max_new = self.generation_budget(len(prompt), params.max_tokens)
         if params.logprobs or params.top_logprobs:
             self._require(Capability.LOGPROBS, HINT_LOGPROBS)
-        if bad := [t for t in params.logit_bias if not 0 <= t < len(self._pieces)]:
-            raise InvalidInput(f"logit_bias token {bad[0]} is outside the vocabulary "
-                                      f"(0..{len(self._pieces) - 1}).", hint=HINT_LOGIT_BIAS)
+        check_token_ids(params.logit_bias, len(self._pieces), HINT_LOGIT_BIAS)
         constraint = self._constraint(params.json_schema)
         sampler = Sampler(params, self._eos)
         want_logprobs = params.logprobs or params.top_logprobs > 0

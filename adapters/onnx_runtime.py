@@ -33,6 +33,7 @@ from adapters.errors import (
 from adapters.hf_files import read_json
 from adapters.logprobs import token_logprob
 from adapters.text import DeltaEmitter
+from adapters.tokens import byte_level_bytes, check_token_ids
 from adapters.machine import physical_cores
 
 __all__ = ["OnnxRuntimeAdapter", "Sampler", "find_onnx_file"]
@@ -68,19 +69,6 @@ def _kv_dims(config: dict[str, Any]) -> tuple[int, int]:
     """(kv heads, head dim) from a config.json."""
     heads = config.get("num_attention_heads") or 1
     return config.get("num_key_value_heads") or heads, config.get("head_dim") or (config.get("hidden_size") or 0) // heads
-
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, reversed: the character a byte-level BPE token uses -> that byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
 
 
 @dataclass
@@ -166,10 +154,8 @@ class OnnxRuntimeAdapter(Adapter):
         self._eos = self._eos_ids(tok)
         decoder = getattr(getattr(tok, "backend_tokenizer", None), "decoder", None)
         if type(decoder).__name__ == "ByteLevel":
-            table = _byte_decoder()
             added = {t.content for t in tok.added_tokens_decoder.values()}
-            self._bytes_of = lambda s: None if s in added or any(c not in table for c in s) else bytes(
-                table[c] for c in s)
+            self._bytes_of = lambda s: None if s in added else byte_level_bytes(s)
         caps = {Capability.COMPLETION, Capability.LOGPROBS}
         if tok.chat_template:
             caps.add(Capability.CHAT)
@@ -245,10 +231,7 @@ class OnnxRuntimeAdapter(Adapter):
         return list(self._tokenizer(text, add_special_tokens=False, split_special_tokens=not special)["input_ids"])
 
     def detokenize(self, ids: list[int]) -> str:
-        bad = next((t for t in ids if not 0 <= t < self._n_vocab), None)
-        if bad is not None:
-            raise InvalidInput(f"Token id {bad} is outside the vocabulary (0..{self._n_vocab - 1}).",
-                                      hint=HINT_TOKENS)
+        check_token_ids(ids, self._n_vocab, HINT_TOKENS)
         return self._tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def piece(self, token: int) -> bytes:
@@ -398,9 +381,7 @@ class Sampler:
         self.rng = np.random.default_rng(params.seed)
         self.history = list(context[-self.PENALTY_WINDOW:])
         bias = dict(params.logit_bias)
-        if (bad := next((t for t in bias if not 0 <= t < n_vocab), None)) is not None:
-            raise InvalidInput(f"logit_bias token {bad} is outside the vocabulary (0..{n_vocab - 1}).",
-                                      hint=HINT_LOGIT_BIAS)
+        check_token_ids(bias, n_vocab, HINT_LOGIT_BIAS)
         if params.ignore_eos:
             bias.update({t: -np.inf for t in eos})
         self.bias_ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
