@@ -18,7 +18,6 @@ from adapters.base import Adapter, Capability, Delta, GenerateParams, TokenLogpr
 from adapters.errors import (
     HINT_ECHO,
     HINT_INPUT,
-    HINT_LOGIT_BIAS,
     HINT_LOGPROBS,
     HINT_LORA,
     HINT_MODEL,
@@ -39,8 +38,9 @@ from adapters.hf_files import (
     read_json,
     safetensors_params,
 )
-from adapters.hf_sampling import Sampler, constraints_available, token_bytes_table
+from adapters.hf_sampling import constraints_available, token_bytes_table
 from adapters.logprobs import token_logprob
+from adapters.sampling import Sampler
 from adapters.text import DeltaEmitter
 from adapters.tokens import check_token_ids
 
@@ -247,19 +247,18 @@ class HFTransformersAdapter(Adapter):
         max_new = self.generation_budget(len(prompt), params.max_tokens)
         if params.logprobs or params.top_logprobs:
             self._require(Capability.LOGPROBS, HINT_LOGPROBS)
-        check_token_ids(params.logit_bias, len(self._pieces), HINT_LOGIT_BIAS)
+        sampler = Sampler(params, len(self._pieces), self._eos, prompt)  # refuses a logit_bias outside the vocabulary
         constraint = self._constraint(params.json_schema)
-        sampler = Sampler(params, self._eos)
         want_logprobs = params.logprobs or params.top_logprobs > 0
-        emit, finish, history = DeltaEmitter(params.stop), "length", list(prompt)
+        emit, finish = DeltaEmitter(params.stop), "length"
         with torch.inference_mode():
             logits, cache = self._step(prompt, None)
             while max_new > 0 and not cancel.is_set():
-                token = sampler.pick(logits, history, constraint.allowed() if constraint else None)
+                token = sampler(logits.numpy(), constraint.allowed() if constraint else None)
                 if token in self._eos and not params.ignore_eos:
                     finish = "stop"
                     break
-                history.append(token)
+                sampler.accept(token)
                 logprob = (token_logprob(logits.numpy(), token, params.top_logprobs, self._piece)
                            if want_logprobs else None)
                 if delta := emit.push(self._piece(token), logprob):
