@@ -1,6 +1,5 @@
-"""The per-token machinery of the hf_transformers decode loop: each token id's exact bytes, the
-sampler (penalties, logit_bias, ignore_eos, top_k/top_p/min_p/temperature, a per-request seeded
-torch.Generator) and JSON-schema constrained decoding.
+"""The per-token machinery of the hf_transformers decode loop besides the sampler (adapters/sampling.py):
+each token id's exact bytes and JSON-schema constrained decoding.
 
 The constraint goes through llguidance: a matcher per request masks, at every step, the tokens
 that would stop the output from being a prefix of a JSON document valid for the schema. It works
@@ -8,37 +7,19 @@ on the HF tokenizer itself (no network, no vocabulary download), for any fast to
 from __future__ import annotations
 
 import json
-import random
 from typing import Any
 
 import numpy as np
 
-from adapters.base import GenerateParams
 from adapters.errors import HINT_SCHEMA, InvalidInput
+from adapters.tokens import byte_level_bytes
 
 __all__ = [
-    "PENALTY_LAST_N",
     "JsonConstraint",
     "JsonConstraints",
-    "Sampler",
     "constraints_available",
     "token_bytes_table",
 ]
-
-PENALTY_LAST_N = 64  # as llama.cpp: repeat/frequency/presence penalties look at the last 64 tokens
-
-
-def _bytes_to_unicode() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, reversed: printable stand-in character -> byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
 
 
 def token_bytes_table(tokenizer, n_vocab: int) -> list[bytes]:
@@ -49,13 +30,13 @@ def token_bytes_table(tokenizer, n_vocab: int) -> list[bytes]:
     tokens = tokenizer.convert_ids_to_tokens(list(range(min(n_vocab, len(tokenizer)))))
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     table: list[bytes] = []
-    byte_level = _bytes_to_unicode() if '"ByteLevel"' in kinds else None
+    byte_level = '"ByteLevel"' in kinds
     for i, token in enumerate(tokens):
         if token is None or i in special:
             table.append(b"")
-        elif byte_level is not None:
-            table.append(bytes(byte_level[c] for c in token) if all(c in byte_level for c in token)
-                         else token.encode())
+        elif byte_level:
+            raw = byte_level_bytes(token)
+            table.append(raw if raw is not None else token.encode())
         elif token.startswith("<0x") and token.endswith(">") and len(token) == 6:  # sentencepiece byte fallback
             table.append(bytes([int(token[3:5], 16)]))
         elif '"Metaspace"' in kinds or '"▁"' in kinds:
@@ -64,64 +45,6 @@ def token_bytes_table(tokenizer, n_vocab: int) -> list[bytes]:
             table.append(tokenizer.decode([i]).encode())
     table.extend(b"" for _ in range(n_vocab - len(table)))
     return table
-
-
-class Sampler:
-    """Turns raw logits into the next token: penalties, logit_bias, ignore_eos and the JSON
-    constraint first, then greedy (temperature <= 0) or top_k -> top_p -> min_p -> temperature
-    -> a draw from the request's own seeded torch.Generator (the llama.cpp order)."""
-
-    def __init__(self, params: GenerateParams, eos: list[int]) -> None:
-        import torch
-
-        self.params = params
-        bias = dict(params.logit_bias)
-        if params.ignore_eos:
-            bias.update({t: float("-inf") for t in eos})
-        self._bias_ids = torch.tensor(list(bias), dtype=torch.long)
-        self._bias = torch.tensor(list(bias.values()), dtype=torch.float32)
-        self.seed = params.seed if params.seed is not None else random.getrandbits(63)
-        self.generator = torch.Generator().manual_seed(self.seed)
-
-    def _penalize(self, logits, history: list[int]):
-        import torch
-
-        p = self.params
-        if not history or (p.repeat_penalty == 1.0 and not p.frequency_penalty and not p.presence_penalty):
-            return logits
-        ids, counts = torch.tensor(history[-PENALTY_LAST_N:]).unique(return_counts=True)
-        values = logits[ids]
-        if p.repeat_penalty != 1.0:
-            values = torch.where(values > 0, values / p.repeat_penalty, values * p.repeat_penalty)
-        values = values - counts.float() * p.frequency_penalty - p.presence_penalty
-        logits[ids] = values
-        return logits
-
-    def pick(self, raw, history: list[int], allowed=None) -> int:
-        """raw: 1-D float32 CPU logits (left untouched); allowed: bool ndarray or None."""
-        import torch
-
-        logits = self._penalize(raw.clone(), history)
-        if len(self._bias_ids):
-            logits[self._bias_ids] += self._bias
-        if allowed is not None:
-            logits[~torch.from_numpy(allowed)] = float("-inf")
-        p = self.params
-        if p.temperature <= 0:
-            return int(torch.argmax(logits))
-        if 0 < p.top_k < logits.numel():
-            cutoff = torch.topk(logits, p.top_k).values[-1]
-            logits[logits < cutoff] = float("-inf")
-        if p.top_p < 1.0 or p.min_p > 0.0:
-            probs = torch.softmax(logits, dim=-1)
-            if p.top_p < 1.0:
-                sorted_probs, order = torch.sort(probs, descending=True)
-                drop = (torch.cumsum(sorted_probs, 0) - sorted_probs) >= p.top_p  # keep the set reaching top_p
-                logits[order[drop]] = float("-inf")
-            if p.min_p > 0.0:
-                logits[probs < p.min_p * probs.max()] = float("-inf")
-        probs = torch.softmax(logits / p.temperature, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
 # Compact JSON: no free whitespace between tokens, so a small model cannot wander off into

@@ -18,7 +18,6 @@ from adapters.base import Adapter, Capability, Delta, GenerateParams, TokenLogpr
 from adapters.errors import (
     HINT_ECHO,
     HINT_INPUT,
-    HINT_LOGIT_BIAS,
     HINT_LOGPROBS,
     HINT_LORA,
     HINT_MODEL,
@@ -42,9 +41,11 @@ from adapters.hf_files import (
     read_json,
     safetensors_params,
 )
-from adapters.hf_sampling import Sampler, constraints_available, token_bytes_table
+from adapters.hf_sampling import constraints_available, token_bytes_table
 from adapters.logprobs import token_logprob
+from adapters.sampling import Sampler
 from adapters.text import DeltaEmitter
+from adapters.tokens import check_token_ids
 
 __all__ = ["HFTransformersAdapter", "TorchHandle"]
 
@@ -203,10 +204,7 @@ class HFTransformersAdapter(Adapter):
         return self._tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def detokenize(self, ids: list[int]) -> str:
-        n_vocab = len(self._pieces)
-        bad = next((t for t in ids if not 0 <= t < n_vocab), None)
-        if bad is not None:
-            raise InvalidInput(f"Token id {bad} is outside the vocabulary (0..{n_vocab - 1}).", hint=HINT_TOKENS)
+        check_token_ids(ids, len(self._pieces), HINT_TOKENS)
         return self._tokenizer.decode(ids)
 
     def render_chat(self, messages: list[dict]) -> str:
@@ -255,21 +253,18 @@ class HFTransformersAdapter(Adapter):
         max_new = self.generation_budget(len(prompt), params.max_tokens)
         if params.logprobs or params.top_logprobs:
             self._require(Capability.LOGPROBS, HINT_LOGPROBS)
-        if bad := [t for t in params.logit_bias if not 0 <= t < len(self._pieces)]:
-            raise InvalidInput(f"logit_bias token {bad[0]} is outside the vocabulary "
-                                      f"(0..{len(self._pieces) - 1}).", hint=HINT_LOGIT_BIAS)
+        sampler = Sampler(params, len(self._pieces), self._eos, prompt)  # refuses a logit_bias outside the vocabulary
         constraint = self._constraint(params.json_schema)
-        sampler = Sampler(params, self._eos)
         want_logprobs = params.logprobs or params.top_logprobs > 0
-        emit, finish, history = DeltaEmitter(params.stop), "length", list(prompt)
+        emit, finish = DeltaEmitter(params.stop), "length"
         with torch.inference_mode():
             logits, cache = self._step(prompt, None)
             while max_new > 0 and not cancel.is_set():
-                token = sampler.pick(logits, history, constraint.allowed() if constraint else None)
+                token = sampler(logits.numpy(), constraint.allowed() if constraint else None)
                 if token in self._eos and not params.ignore_eos:
                     finish = "stop"
                     break
-                history.append(token)
+                sampler.accept(token)
                 logprob = (token_logprob(logits.numpy(), token, params.top_logprobs, self._piece)
                            if want_logprobs else None)
                 if delta := emit.push(self._piece(token), logprob):

@@ -30,6 +30,7 @@ from adapters.errors import (
 from adapters.llama_grammar import json_schema_grammar, lazy_grammar_llama
 from adapters.logprobs import token_logprob
 from adapters.text import DeltaEmitter
+from adapters.tokens import check_token_ids
 from adapters.machine import physical_cores
 from adapters.gguf import gguf_footprint
 from adapters.global_state import PATCH_LOCK
@@ -165,10 +166,7 @@ class LlamaCppAdapter(Adapter):
         return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
 
     def detokenize(self, ids: list[int]) -> str:
-        n_vocab = self._llm.n_vocab()
-        bad = next((t for t in ids if not 0 <= t < n_vocab), None)
-        if bad is not None:  # llama.cpp reads out of bounds on unknown ids: refuse them here
-            raise InvalidInput(f"Token id {bad} is outside the vocabulary (0..{n_vocab - 1}).", hint=HINT_TOKENS)
+        check_token_ids(ids, self._llm.n_vocab(), HINT_TOKENS)  # llama.cpp reads out of bounds on unknown ids
         return self._llm.detokenize(ids).decode("utf-8", errors="replace")
 
     def render_chat(self, messages: list[dict]) -> str:
@@ -304,11 +302,7 @@ class LlamaCppAdapter(Adapter):
         import numpy as np
 
         bias = dict(params.logit_bias)
-        n_vocab = self._llm.n_vocab()
-        if any(not 0 <= t < n_vocab for t in bias):
-            bad = next(t for t in bias if not 0 <= t < n_vocab)
-            raise InvalidInput(f"logit_bias token {bad} is outside the vocabulary (0..{n_vocab - 1}).",
-                                      hint=HINT_LOGIT_BIAS)
+        check_token_ids(bias, self._llm.n_vocab(), HINT_LOGIT_BIAS)
         if params.ignore_eos:
             bias.update({t: -np.inf for t in self._eog_tokens()})
         if not bias:

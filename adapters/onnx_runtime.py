@@ -20,7 +20,6 @@ import numpy as np
 
 from adapters.base import Adapter, Capability, Delta, GenerateParams, TokenLogprob
 from adapters.errors import (
-    HINT_LOGIT_BIAS,
     HINT_MODEL,
     HINT_PROMPT,
     HINT_SCHEMA,
@@ -33,7 +32,9 @@ from adapters.errors import (
 from adapters.hf_files import has_chat_template, read_json
 from adapters.logprobs import token_logprob
 from adapters.text import DeltaEmitter
+from adapters.tokens import byte_level_bytes, check_token_ids
 from adapters.machine import physical_cores
+from adapters.sampling import Sampler
 
 __all__ = ["OnnxRuntimeAdapter", "Sampler", "find_onnx_file"]
 
@@ -68,19 +69,6 @@ def _kv_dims(config: dict[str, Any]) -> tuple[int, int]:
     """(kv heads, head dim) from a config.json."""
     heads = config.get("num_attention_heads") or 1
     return config.get("num_key_value_heads") or heads, config.get("head_dim") or (config.get("hidden_size") or 0) // heads
-
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, reversed: the character a byte-level BPE token uses -> that byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
 
 
 @dataclass
@@ -175,10 +163,8 @@ class OnnxRuntimeAdapter(Adapter):
         self._eos = self._eos_ids(tok)
         decoder = getattr(getattr(tok, "backend_tokenizer", None), "decoder", None)
         if type(decoder).__name__ == "ByteLevel":
-            table = _byte_decoder()
             added = {t.content for t in tok.added_tokens_decoder.values()}
-            self._bytes_of = lambda s: None if s in added or any(c not in table for c in s) else bytes(
-                table[c] for c in s)
+            self._bytes_of = lambda s: None if s in added else byte_level_bytes(s)
         caps = {Capability.COMPLETION, Capability.LOGPROBS}
         if tok.chat_template:
             caps.add(Capability.CHAT)
@@ -254,10 +240,7 @@ class OnnxRuntimeAdapter(Adapter):
         return list(self._tokenizer(text, add_special_tokens=False, split_special_tokens=not special)["input_ids"])
 
     def detokenize(self, ids: list[int]) -> str:
-        bad = next((t for t in ids if not 0 <= t < self._n_vocab), None)
-        if bad is not None:
-            raise InvalidInput(f"Token id {bad} is outside the vocabulary (0..{self._n_vocab - 1}).",
-                                      hint=HINT_TOKENS)
+        check_token_ids(ids, self._n_vocab, HINT_TOKENS)
         return self._tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def piece(self, token: int) -> bytes:
@@ -388,73 +371,6 @@ class OnnxRuntimeAdapter(Adapter):
         for i, token in enumerate(tokens[1:]):
             scored.append(token_logprob(logits[i], token, top, self.piece))
         return scored
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max())
-    return e / e.sum()
-
-
-class Sampler:
-    """Chooses each next token like llama.cpp's default chain: logit_bias and penalties, then top_k,
-    top_p and min_p on the distribution, then temperature; greedy (argmax) when temperature <= 0.
-    One numpy Generator per request: the same seed and request give the same tokens."""
-
-    PENALTY_WINDOW = 64  # the recent context tokens that repeat/presence/frequency penalties look at
-
-    def __init__(self, params: GenerateParams, n_vocab: int, eos: list[int], context: list[int]) -> None:
-        self.params = params
-        self.rng = np.random.default_rng(params.seed)
-        self.history = list(context[-self.PENALTY_WINDOW:])
-        bias = dict(params.logit_bias)
-        if (bad := next((t for t in bias if not 0 <= t < n_vocab), None)) is not None:
-            raise InvalidInput(f"logit_bias token {bad} is outside the vocabulary (0..{n_vocab - 1}).",
-                                      hint=HINT_LOGIT_BIAS)
-        if params.ignore_eos:
-            bias.update({t: -np.inf for t in eos})
-        self.bias_ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
-        self.bias_values = np.fromiter(bias.values(), dtype=np.float64, count=len(bias))
-
-    def accept(self, token: int) -> None:
-        self.history.append(token)
-        del self.history[:-self.PENALTY_WINDOW]
-
-    def _penalize(self, x: np.ndarray) -> None:
-        p = self.params
-        if not self.history or (p.repeat_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty):
-            return
-        ids, counts = np.unique(np.asarray(self.history), return_counts=True)
-        ids, counts = ids[ids < len(x)], counts[ids < len(x)]
-        if p.repeat_penalty != 1.0:
-            seen = x[ids]
-            x[ids] = np.where(seen > 0, seen / p.repeat_penalty, seen * p.repeat_penalty)
-        x[ids] -= counts * p.frequency_penalty + p.presence_penalty
-
-    def __call__(self, logits: np.ndarray) -> int:
-        p = self.params
-        x = logits.astype(np.float64)
-        if len(self.bias_ids):
-            x[self.bias_ids] += self.bias_values
-        self._penalize(x)
-        if p.temperature <= 0 or p.top_k == 1:
-            return int(np.argmax(x))
-        if 0 < p.top_k < len(x):
-            ids = np.argpartition(-x, p.top_k - 1)[:p.top_k]
-        else:
-            ids = np.arange(len(x))
-        values = x[ids]
-        if p.top_p < 1.0 or p.min_p > 0.0:
-            order = np.argsort(-values, kind="stable")
-            ids, values = ids[order], values[order]
-            probs = _softmax(values)
-            keep = len(ids)
-            if p.top_p < 1.0:
-                keep = min(keep, int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1)
-            if p.min_p > 0.0:
-                keep = min(keep, max(1, int(np.count_nonzero(probs >= p.min_p * probs[0]))))
-            ids, values = ids[:keep], values[:keep]
-        probs = _softmax(values / p.temperature)
-        return int(ids[self.rng.choice(len(ids), p=probs)])
 
 
 def _trim_heap() -> None:
