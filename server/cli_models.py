@@ -18,8 +18,7 @@ from server.cli_load import add_load_command
 from server.export_onnx import add_export_arguments, export_command
 from adapters.errors import EngineError
 from adapters.gguf import read_gguf_header
-from server.registry import ModelRecord, NoModelQualifies, Registry
-from server.registry_state import ModelState, model_files
+from server.registry import ModelRecord, ModelState, NoModelQualifies, Registry, model_files
 from server.settings import load_settings
 
 __all__ = ["add_models_parser", "GGUFInfo", "gguf_info"]

@@ -13,6 +13,7 @@ from litestar.exceptions import HTTPException, ValidationException
 
 from adapters import errors as engine
 from server.protocol.errors import ErrorBody, ErrorResponse
+from server.protocol.models import Rejection
 
 __all__ = [
     "OpenAIError",
@@ -30,6 +31,7 @@ __all__ = [
     "BackendTimeout",
     "RemoteError",
     "RunnerError",
+    "NoModelQualifies",
     "ENGINE_ERRORS",
     "DEFAULT_PARAMS",
     "from_engine",
@@ -166,6 +168,14 @@ class RunnerError(OpenAIError):
     status_code = 500
     type = "server_error"
     code = "runner_error"
+
+
+class NoModelQualifies(ModelNotFound):
+    """404 model_not_found whose message says why every candidate was turned down."""
+
+    def __init__(self, query: str, detail: str, rejected: list[Rejection]) -> None:
+        OpenAIError.__init__(self, f"No model qualifies for `{query}`: {detail}", param="model")
+        self.rejected = rejected
 
 
 # Engine error class -> the OpenAI error it becomes (the most specific class of an error wins).

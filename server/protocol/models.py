@@ -1,11 +1,12 @@
-"""Model listings: OpenAI's /v1/models and OmniLoader's richer /api/models."""
+"""Model listings: OpenAI's /v1/models and OmniLoader's richer /api/models; which model a name or
+role selects (/api/models/select)."""
 from __future__ import annotations
 
 from typing import Literal
 
 import msgspec
 
-__all__ = ["OpenAIModel", "OpenAIModelList", "ModelInfo", "ModelInfoList", "ModelState"]
+__all__ = ["OpenAIModel", "OpenAIModelList", "ModelInfo", "ModelInfoList", "ModelState", "Rejection", "SelectionResult"]
 
 
 class OpenAIModel(msgspec.Struct):
@@ -42,3 +43,15 @@ class ModelInfoList(msgspec.Struct):
 class ModelState(msgspec.Struct):
     id: str
     state: str
+
+
+class Rejection(msgspec.Struct):
+    id: str
+    reason: str
+
+
+class SelectionResult(msgspec.Struct):
+    """GET /api/models/select: the chosen model id, why, and who was passed over and why."""
+    model: str
+    reason: str
+    rejected: list[Rejection] = []
