@@ -1,18 +1,18 @@
-"""Persistent registry state in SQLite (`<lab_dir>/registry.sqlite3`).
+"""Persistent registry state in SQLite (`<lab_dir>/registry.sqlite3`, through server.storage.sqlite_file).
 
 Per model id: the aggregate sha256 of its files (with the file list and when it was verified), the
 lock flag and the expected hash, a usage count, when it was last used and how long its last load
-took. Every write is one transaction, so a crash never leaves a half-written row."""
+took. Every write is one transaction, so a crash never leaves a half-written row; the file is in WAL
+mode, so the server's event loop, its load threads and a CLI process may all read while one writes."""
 from __future__ import annotations
 
-import sqlite3
-import threading
 from pathlib import Path
 
 import msgspec
 
 from server.protocol.integrity import FileHash, ModelState
 from server.registry.hashing import ModelHash
+from server.storage.sqlite_file import SqliteFile
 
 __all__ = ["STATE_FILE", "RegistryState"]
 
@@ -34,45 +34,26 @@ CREATE TABLE IF NOT EXISTS model_state (
 
 
 class RegistryState:
-    """The SQLite store. One connection, serialized by a lock: the server's event loop, its load
-    threads and a CLI process may all write (WAL lets readers and one writer overlap)."""
+    """The SQLite store; any thread may use it (each call has its own connection)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
-
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute(_SCHEMA)
-            self._conn = conn
-        return self._conn
+        self._db = SqliteFile(self.path, _SCHEMA, wal=True)
 
     def _write(self, model_id: str, sql: str, params: tuple) -> None:
         """One transaction: create the model's row if needed, then apply the update."""
-        with self._lock:
-            db = self._db()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.execute("INSERT INTO model_state (id) VALUES (?) ON CONFLICT(id) DO NOTHING", (model_id,))
-                db.execute(sql, (*params, model_id))
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+        with self._db.transaction() as db:
+            db.execute("INSERT INTO model_state (id) VALUES (?) ON CONFLICT(id) DO NOTHING", (model_id,))
+            db.execute(sql, (*params, model_id))
 
     def get(self, model_id: str) -> ModelState | None:
-        with self._lock:
-            row = self._db().execute("SELECT * FROM model_state WHERE id = ?", (model_id,)).fetchone()
+        with self._db.transaction() as db:
+            row = db.execute("SELECT * FROM model_state WHERE id = ?", (model_id,)).fetchone()
         return None if row is None else _row_to_state(row)
 
     def all(self) -> dict[str, ModelState]:
-        with self._lock:
-            rows = self._db().execute("SELECT * FROM model_state ORDER BY id").fetchall()
+        with self._db.transaction() as db:
+            rows = db.execute("SELECT * FROM model_state ORDER BY id").fetchall()
         return {row[0]: _row_to_state(row) for row in rows}
 
     def record_verification(self, model_id: str, result: ModelHash, at: float) -> None:
@@ -92,10 +73,9 @@ class RegistryState:
         self._write(model_id, "UPDATE model_state SET last_load_seconds = ? WHERE id = ?", (seconds,))
 
     def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        """Nothing stays open between calls; a call after close() opens the file anew (and creates
+        the schema again if the file went away)."""
+        self._db = SqliteFile(self.path, _SCHEMA, wal=True)
 
 
 def _row_to_state(row: tuple) -> ModelState:
