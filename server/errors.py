@@ -32,6 +32,7 @@ __all__ = [
     "RemoteError",
     "RunnerError",
     "NoModelQualifies",
+    "ExportFailed",
     "ENGINE_ERRORS",
     "DEFAULT_PARAMS",
     "from_engine",
@@ -176,6 +177,10 @@ class NoModelQualifies(ModelNotFound):
     def __init__(self, query: str, detail: str, rejected: list[Rejection]) -> None:
         OpenAIError.__init__(self, f"No model qualifies for `{query}`: {detail}", param="model")
         self.rejected = rejected
+
+
+class ExportFailed(OpenAIError):
+    """The model could not be converted (the CLI prints the message and exits 1)."""
 
 
 # Engine error class -> the OpenAI error it becomes (the most specific class of an error wins).
