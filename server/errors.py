@@ -32,6 +32,9 @@ __all__ = [
     "RemoteError",
     "RunnerError",
     "NoModelQualifies",
+    "ResponseNotFound",
+    "JobNotFound",
+    "LabUnavailable",
     "ExportFailed",
     "ENGINE_ERRORS",
     "DEFAULT_PARAMS",
@@ -177,6 +180,27 @@ class NoModelQualifies(ModelNotFound):
     def __init__(self, query: str, detail: str, rejected: list[Rejection]) -> None:
         OpenAIError.__init__(self, f"No model qualifies for `{query}`: {detail}", param="model")
         self.rejected = rejected
+
+
+class ResponseNotFound(OpenAIError):
+    status_code = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+    def __init__(self, response_id: str, param: str | None = None) -> None:
+        super().__init__(f"Response with id '{response_id}' not found.", param=param)
+
+
+class JobNotFound(OpenAIError):
+    status_code = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class LabUnavailable(OpenAIError):
+    status_code = 501
+    type = "server_error"
+    code = "lab_unavailable"
 
 
 class ExportFailed(OpenAIError):

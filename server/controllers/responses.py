@@ -12,7 +12,7 @@ from litestar.response import Stream
 from server.controllers.auth import require_api_key
 from server.controllers.leases import acquire, released_after
 from server.controllers.openai import require_chat_capabilities
-from server.errors import decode_body
+from server.errors import ResponseNotFound, decode_body
 from server.protocol.responses import (
     ResponseCreateRequest,
     ResponseDeleted,
@@ -22,7 +22,6 @@ from server.router import ModelRouter
 from server.serving.chat_run import chat_run
 from server.serving.generation import Generation, chat_params, chat_tool_mode
 from server.serving.responses import (
-    ResponseNotFound,
     ResponseRun,
     chat_request,
     new_response,

@@ -1,12 +1,13 @@
 """Model listings: OpenAI's /v1/models and OmniLoader's richer /api/models; which model a name or
-role selects (/api/models/select)."""
+role selects (/api/models/select); a model load's progress events."""
 from __future__ import annotations
 
 from typing import Literal
 
 import msgspec
 
-__all__ = ["OpenAIModel", "OpenAIModelList", "ModelInfo", "ModelInfoList", "ModelState", "Rejection", "SelectionResult"]
+__all__ = ["OpenAIModel", "OpenAIModelList", "ModelInfo", "ModelInfoList", "ModelState", "Rejection", "SelectionResult",
+           "LoadProgress"]
 
 
 class OpenAIModel(msgspec.Struct):
@@ -55,3 +56,11 @@ class SelectionResult(msgspec.Struct):
     model: str
     reason: str
     rejected: list[Rejection] = []
+
+
+class LoadProgress(msgspec.Struct):
+    """One SSE event of POST /api/models/{id}/load?stream=true."""
+    model: str
+    status: str  # "loading" | "loaded"
+    progress: float
+    seconds: float
