@@ -1,5 +1,5 @@
 """The manifest schema (models/<id>/manifest.yaml|json), a ModelRecord (a manifest and where it came
-from), decoding one, and resolving its source."""
+from), decoding one with its backend checked against the adapters table, and resolving its source."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,20 +9,21 @@ from typing import Annotated, Any, Literal
 import msgspec
 import msgspec.yaml
 
+from adapters import backends
 from adapters.errors import LoadFailed
 
-__all__ = ["MANIFEST_NAMES", "ORIGIN_RANK", "Manifest", "ModelRecord", "decode_manifest", "resolve_source"]
+__all__ = ["MANIFEST_NAMES", "ORIGIN_RANK", "Manifest", "ModelRecord", "decode_manifest", "resolve_source",
+           "unknown_backend"]
 
 MANIFEST_NAMES = ("manifest.yaml", "manifest.yml", "manifest.json")
 ORIGIN_RANK = {"discovered": 0, "builtin": 1, "curated": 2}  # who wins a shared id; selection order
 
 ModelId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$", max_length=200)]
-Backend = Literal["llama_cpp", "hf_transformers", "onnx_runtime", "vllm_remote", "victor_custom"]
 
 
 class Manifest(msgspec.Struct, kw_only=True):
     id: ModelId
-    backend: Backend
+    backend: str  # a name in adapters.backends(): checked when a manifest is read or registered
     source: str
     aliases: list[str] = []
     roles: list[str] = msgspec.field(default_factory=lambda: ["chat"])
@@ -73,6 +74,18 @@ def resolve_source(source: str, base_dir: Path) -> Path:
     return path if path.is_absolute() else (base_dir / path)
 
 
+def unknown_backend(manifest: Manifest) -> str | None:
+    """Why the manifest's backend cannot be served (no built-in or plugin of that name), or None."""
+    known = backends()
+    if manifest.backend in known:
+        return None
+    return f"Unknown backend `{manifest.backend}`; known backends: {', '.join(sorted(known))}"
+
+
 def decode_manifest(data: bytes, *, json: bool = False) -> Manifest:
-    """A manifest from YAML (or JSON); msgspec.ValidationError names the failing field."""
-    return msgspec.json.decode(data, type=Manifest) if json else msgspec.yaml.decode(data, type=Manifest)
+    """A manifest from YAML (or JSON); msgspec.ValidationError names the failing field, an unknown
+    backend included."""
+    manifest = msgspec.json.decode(data, type=Manifest) if json else msgspec.yaml.decode(data, type=Manifest)
+    if problem := unknown_backend(manifest):
+        raise msgspec.ValidationError(f"{problem} - at `$.backend`")
+    return manifest
