@@ -13,6 +13,7 @@ from litestar.exceptions import HTTPException, ValidationException
 
 from adapters import errors as engine
 from server.protocol.errors import ErrorBody, ErrorResponse
+from server.protocol.models import Rejection
 
 __all__ = [
     "OpenAIError",
@@ -30,6 +31,11 @@ __all__ = [
     "BackendTimeout",
     "RemoteError",
     "RunnerError",
+    "NoModelQualifies",
+    "ResponseNotFound",
+    "JobNotFound",
+    "LabUnavailable",
+    "ExportFailed",
     "ENGINE_ERRORS",
     "DEFAULT_PARAMS",
     "from_engine",
@@ -166,6 +172,39 @@ class RunnerError(OpenAIError):
     status_code = 500
     type = "server_error"
     code = "runner_error"
+
+
+class NoModelQualifies(ModelNotFound):
+    """404 model_not_found whose message says why every candidate was turned down."""
+
+    def __init__(self, query: str, detail: str, rejected: list[Rejection]) -> None:
+        OpenAIError.__init__(self, f"No model qualifies for `{query}`: {detail}", param="model")
+        self.rejected = rejected
+
+
+class ResponseNotFound(OpenAIError):
+    status_code = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+    def __init__(self, response_id: str, param: str | None = None) -> None:
+        super().__init__(f"Response with id '{response_id}' not found.", param=param)
+
+
+class JobNotFound(OpenAIError):
+    status_code = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class LabUnavailable(OpenAIError):
+    status_code = 501
+    type = "server_error"
+    code = "lab_unavailable"
+
+
+class ExportFailed(OpenAIError):
+    """The model could not be converted (the CLI prints the message and exits 1)."""
 
 
 # Engine error class -> the OpenAI error it becomes (the most specific class of an error wins).

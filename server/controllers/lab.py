@@ -13,8 +13,9 @@ from litestar.params import FromPath, FromQuery
 from litestar.response import File, Stream
 
 from server.controllers.auth import require_api_key
+from server.errors import JobNotFound
 from server.lab.artifacts import artifact_file, list_artifacts
-from server.lab.service import JobNotFound, Lab
+from server.lab.service import Lab
 from server.runtime import ModelPool
 from server.protocol.lab import ArtifactList, LabJob, LabJobList, LabModelCopy, LabModelList, SnapshotList
 from server.serving.sse import DONE, SSE_HEADERS, event

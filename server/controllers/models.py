@@ -11,7 +11,7 @@ from litestar.response import Stream
 from server.controllers.auth import require_api_key
 from server.serving.run import leased
 from server.errors import InvalidRequestError, decode_body
-from server.protocol.models import ModelInfo, ModelInfoList, ModelState
+from server.protocol.models import ModelInfo, ModelInfoList, ModelState, SelectionResult
 from server.protocol.tokens import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -19,7 +19,7 @@ from server.protocol.tokens import (
     TokenizeResponse,
     TokenPiece,
 )
-from server.registry import ROLE_PREFIX, ModelRecord, SelectionResult
+from server.registry import ROLE_PREFIX, ModelRecord
 from server.runtime import ModelPool
 from server.serving.load_progress import load_events
 from server.serving.sse import SSE_HEADERS

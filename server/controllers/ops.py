@@ -7,7 +7,6 @@ import os
 import platform
 import time
 
-import msgspec
 from litestar import MediaType, Response, get
 from litestar.di import NamedDependency
 
@@ -17,44 +16,10 @@ from adapters.errors import EngineError
 from adapters.machine import accelerators, physical_cores, total_ram
 from server.keep_alive import FOREVER
 from server.metrics import CONTENT_TYPE
+from server.protocol.ops import Health, RunningModel, RunningModels, SystemInfo
 from server.runtime import ModelPool
 
 __all__ = ["ops_handlers"]
-
-
-class Health(msgspec.Struct):
-    status: str
-    models: list[str]
-
-
-class RunningModel(msgspec.Struct):
-    id: str
-    backend: str
-    memory_bytes: int
-    estimated_bytes: int
-    measured_bytes: int
-    active: int
-    queued: int
-    parallel: int
-    keep_alive: float | None  # seconds; null = forever
-    expires_at: str | None  # ISO time the idle model unloads; null while busy or kept forever
-
-
-class RunningModels(msgspec.Struct):
-    models: list[RunningModel]
-    memory_budget_bytes: int
-    memory_used_bytes: int
-
-
-class SystemInfo(msgspec.Struct):
-    platform: str
-    python: str
-    cpu_count: int
-    physical_cores: int
-    ram_bytes: int
-    memory_budget_bytes: int
-    accelerators: list[str]
-    default_threads: int
 
 
 @get("/health")

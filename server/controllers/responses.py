@@ -11,7 +11,7 @@ from litestar.params import FromPath
 from adapters.errors import HINT_PROMPT, HINT_SCHEMA
 from server.controllers.auth import require_api_key
 from server.controllers.openai import require_chat_capabilities
-from server.errors import decode_body
+from server.errors import ResponseNotFound, decode_body
 from server.protocol.responses import (
     ResponseCreateRequest,
     ResponseDeleted,
@@ -21,7 +21,6 @@ from server.runtime import Lease, ModelPool
 from server.serving.chat_run import chat_run
 from server.serving.generation import chat_params, chat_tool_mode
 from server.serving.responses import (
-    ResponseNotFound,
     ResponseRun,
     chat_request,
     new_response,

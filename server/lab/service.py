@@ -7,7 +7,7 @@ from pathlib import Path
 import msgspec
 
 from lab_engines import ENGINES
-from server.errors import InvalidRequestError, OpenAIError, decode_body
+from server.errors import InvalidRequestError, JobNotFound, LabUnavailable, decode_body
 from server.lab.artifacts import ARTIFACTS_URL
 from server.lab.job_queue import JobQueue
 from server.lab.job_store import JobRow, JobStore
@@ -16,19 +16,7 @@ from server.protocol.lab import LabJob, Snapshot
 from server.registry import Registry
 from server.runtime import ModelPool
 
-__all__ = ["JobNotFound", "Lab", "LabUnavailable"]
-
-
-class JobNotFound(OpenAIError):
-    status_code = 404
-    type = "invalid_request_error"
-    code = "not_found"
-
-
-class LabUnavailable(OpenAIError):
-    status_code = 501
-    type = "server_error"
-    code = "lab_unavailable"
+__all__ = ["Lab"]
 
 
 class Lab:

@@ -1,11 +1,13 @@
-"""Model listings: OpenAI's /v1/models and OmniLoader's richer /api/models."""
+"""Model listings: OpenAI's /v1/models and OmniLoader's richer /api/models; which model a name or
+role selects (/api/models/select); a model load's progress events."""
 from __future__ import annotations
 
 from typing import Literal
 
 import msgspec
 
-__all__ = ["OpenAIModel", "OpenAIModelList", "ModelInfo", "ModelInfoList", "ModelState"]
+__all__ = ["OpenAIModel", "OpenAIModelList", "ModelInfo", "ModelInfoList", "ModelState", "Rejection", "SelectionResult",
+           "LoadProgress"]
 
 
 class OpenAIModel(msgspec.Struct):
@@ -42,3 +44,23 @@ class ModelInfoList(msgspec.Struct):
 class ModelState(msgspec.Struct):
     id: str
     state: str
+
+
+class Rejection(msgspec.Struct):
+    id: str
+    reason: str
+
+
+class SelectionResult(msgspec.Struct):
+    """GET /api/models/select: the chosen model id, why, and who was passed over and why."""
+    model: str
+    reason: str
+    rejected: list[Rejection] = []
+
+
+class LoadProgress(msgspec.Struct):
+    """One SSE event of POST /api/models/{id}/load?stream=true."""
+    model: str
+    status: str  # "loading" | "loaded"
+    progress: float
+    seconds: float

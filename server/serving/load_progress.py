@@ -6,21 +6,13 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-import msgspec
-
+from server.protocol.models import LoadProgress
 from server.runtime import ModelPool
 from server.serving.sse import DONE, error_event, event
 
-__all__ = ["LoadProgress", "load_events"]
+__all__ = ["load_events"]
 
 STEP = 0.02  # report every 2% at most: llama.cpp calls back once per tensor
-
-
-class LoadProgress(msgspec.Struct):
-    model: str
-    status: str  # "loading" | "loaded"
-    progress: float
-    seconds: float
 
 
 async def load_events(pool: ModelPool, model_id: str) -> AsyncIterator[bytes]:

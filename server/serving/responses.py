@@ -59,7 +59,7 @@ from server.serving.chat_run import (
 from server.serving.generation import check_schema
 from server.storage.responses_store import StoredResponse
 
-__all__ = ["ResponseNotFound", "input_messages", "replayed_messages", "chat_request", "new_response",
+__all__ = ["input_messages", "replayed_messages", "chat_request", "new_response",
            "stored_row", "ResponseRun", "response_object", "response_sse"]
 
 log = logging.getLogger("omniloader.responses")
@@ -67,15 +67,6 @@ log = logging.getLogger("omniloader.responses")
 _encode = msgspec.json.Encoder().encode
 _TEXT_PARTS = ("input_text", "output_text", "text")
 OnDone = Callable[[ResponseObject], Awaitable[None]] | None
-
-
-class ResponseNotFound(OpenAIError):
-    status_code = 404
-    type = "invalid_request_error"
-    code = "not_found"
-
-    def __init__(self, response_id: str, param: str | None = None) -> None:
-        super().__init__(f"Response with id '{response_id}' not found.", param=param)
 
 
 # --- request -> chat request ------------------------------------------------------------------------

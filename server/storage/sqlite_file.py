@@ -12,9 +12,13 @@ __all__ = ["SqliteFile"]
 
 
 class SqliteFile:
-    def __init__(self, path: str | Path, schema: str) -> None:
+    """`wal=True` puts the file in write-ahead-log mode (readers and one writer overlap, other
+    processes included) with synchronous=NORMAL on every connection."""
+
+    def __init__(self, path: str | Path, schema: str, *, wal: bool = False) -> None:
         self.path = Path(path)
         self._schema = schema
+        self._wal = wal
         self._ready = False
         self._init_lock = threading.Lock()
 
@@ -36,9 +40,14 @@ class SqliteFile:
                     self.path.parent.mkdir(parents=True, exist_ok=True)
                     conn = sqlite3.connect(self.path, timeout=10.0)
                     try:
+                        if self._wal:
+                            conn.execute("PRAGMA journal_mode=WAL")  # stays with the file
                         with conn:
                             conn.executescript(self._schema)
                     finally:
                         conn.close()
                     self._ready = True
-        return sqlite3.connect(self.path, timeout=10.0)
+        conn = sqlite3.connect(self.path, timeout=10.0)
+        if self._wal:
+            conn.execute("PRAGMA synchronous=NORMAL")
+        return conn

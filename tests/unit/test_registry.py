@@ -188,3 +188,29 @@ def test_a_symlinked_gguf_keeps_its_own_name_as_its_source(tmp_path, default_ggu
     record = reg.resolve("mine")
     assert record.source_path() == tmp_path / "mine.gguf" and record.local_path().is_file()
     assert "tools" in record.manifest.capabilities  # what llama.cpp gives any GGUF
+
+
+def test_an_unknown_backend_makes_the_manifest_invalid_and_names_the_known_backends(tmp_path):
+    from adapters import backends
+
+    write(tmp_path / "odd" / "manifest.yaml", "id: odd\nbackend: tensorflow\nsource: x\n")
+    reg = Registry(tmp_path)
+    reg.scan()
+    [record] = [r for r in reg.records() if r.error]
+    assert record.manifest is None and "Unknown backend `tensorflow`" in record.error
+    assert all(name in record.error for name in backends())
+    with pytest.raises(InvalidRequestError, match="known backends: .*llama_cpp") as info:
+        reg.register(b'{"id": "odd2", "backend": "tensorflow", "source": "y"}')
+    assert info.value.status_code == 400 and not (tmp_path / "odd2").exists()
+
+
+def test_a_backend_from_the_adapters_table_is_accepted_by_name(tmp_path, monkeypatch):
+    import server.registry.manifest as manifest
+    from adapters import BUILTIN_BACKENDS
+
+    monkeypatch.setattr(manifest, "backends", lambda: {**BUILTIN_BACKENDS, "echo": "omni_echo:EchoAdapter"})
+    write(tmp_path / "e" / "manifest.yaml", "id: e\nbackend: echo\nsource: .\n")
+    reg = Registry(tmp_path)
+    reg.scan()
+    assert reg.resolve("e").manifest.backend == "echo"
+    assert reg.register(b'{"id": "e2", "backend": "echo", "source": "y"}').manifest.backend == "echo"

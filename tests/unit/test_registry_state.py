@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from server.errors import ModelHashMismatch
-from server.registry import Registry
-from server.registry_state import (
+from server.registry import (
     CHUNK_SIZE,
     ModelIntegrity,
+    Registry,
     RegistryState,
     aggregate_sha256,
     file_sha256,

@@ -5,8 +5,7 @@ from pathlib import Path
 import pytest
 
 from server.errors import ModelNotFound
-from server.registry import NoModelQualifies, Registry
-from server.registry_state import ModelHash, RegistryState
+from server.registry import ModelHash, NoModelQualifies, Registry, RegistryState
 
 
 def write(path: Path, text: str) -> Path:

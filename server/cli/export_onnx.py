@@ -17,7 +17,7 @@ from typing import Any
 import msgspec.yaml
 
 from adapters.errors import EngineError
-from server.errors import InvalidRequestError, OpenAIError
+from server.errors import ExportFailed, InvalidRequestError, OpenAIError
 
 __all__ = [
     "ExportSource",
@@ -33,10 +33,6 @@ __all__ = [
 CHECK_TOLERANCE = 1e-3
 # Sample sizes for tracing: every dynamic dim above 1, so none is specialized to a constant.
 _SAMPLE_BATCH, _SAMPLE_SEQ, _SAMPLE_PAST = 2, 3, 5
-
-
-class ExportFailed(OpenAIError):
-    """The model could not be converted (the CLI prints the message and exits 1)."""
 
 
 @dataclass

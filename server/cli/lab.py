@@ -8,7 +8,7 @@ import sys
 
 import msgspec
 
-from server.cli_load import progress_bar
+from server.cli.load import progress_bar
 
 __all__ = ["add_lab_parser"]
 

@@ -13,43 +13,20 @@ from typing import Any
 import msgspec
 import msgspec.yaml
 
-from server.errors import InvalidRequestError, OpenAIError
-from server.cli_load import add_load_command
-from server.export_onnx import add_export_arguments, export_command
 from adapters.errors import EngineError
 from adapters.gguf import read_gguf_header
-from server.registry import ModelRecord, NoModelQualifies, Registry
-from server.registry_state import ModelState, model_files
+from server.cli.export_onnx import add_export_arguments, export_command
+from server.cli.load import add_load_command
+from server.errors import InvalidRequestError, NoModelQualifies, OpenAIError
+from server.protocol.cli import GGUFInfo, ModelListing
+from server.protocol.integrity import ModelState
+from server.registry import ModelRecord, Registry, model_files
 from server.settings import load_settings
 
-__all__ = ["add_models_parser", "GGUFInfo", "gguf_info"]
+__all__ = ["add_models_parser", "gguf_info"]
 
 EXIT_ERROR = 1
 EXIT_HASH_MISMATCH = 2
-
-
-class GGUFInfo(msgspec.Struct, kw_only=True):
-    architecture: str | None
-    context_length: int | None
-    quantization: str | None  # general.file_type by name (Q4_1, Q8_0, F16, ...)
-    chat_template: bool
-    tensor_count: int
-    file_size: int
-
-
-class ModelListing(msgspec.Struct, kw_only=True):
-    id: str
-    origin: str
-    default: bool
-    backend: str | None = None
-    source: str | None = None
-    aliases: list[str] = []
-    roles: list[str] = []
-    capabilities: list[str] = []
-    context_length: int | None = None
-    manifest_path: str | None = None
-    error: str | None = None
-    state: ModelState | None = None
 
 
 def add_models_parser(commands: argparse._SubParsersAction) -> None:
