@@ -7,6 +7,7 @@ from typing import Any
 
 import msgspec
 from adapters.errors import HINT_ECHO, HINT_MODEL, HINT_PROMPT, ContextTooLong, Unsupported
+from adapters.overlay import EngineOverlay
 
 
 __all__ = ["Capability", "CAPABILITY_ORDER", "ordered", "GenerateParams", "Usage", "TopLogprob", "TokenLogprob",
@@ -45,6 +46,9 @@ class GenerateParams(msgspec.Struct, kw_only=True):
     logprobs: bool = False
     top_logprobs: int = 0
     suffix: str | None = None  # fill in the middle between prompt and suffix (completions)
+    # LoRA deltas and steering vectors applied for this generation only (an aura's in-model part;
+    # adapters/overlay.py). None: the base model as loaded.
+    overlay: EngineOverlay | None = None
     # The decoded API request (ChatCompletionRequest / CompletionRequest) these params came from.
     # Only backends that forward requests to another server read it (vllm_remote: which fields the
     # client actually set, raw messages, tools, response_format); every other adapter ignores it.
