@@ -21,6 +21,7 @@ def _cli(work, *args):
 
 
 def test_a_tampered_locked_model_is_refused_by_chat_and_by_the_lab(tmp_path):
+    (tmp_path / "models").mkdir()
     weights = write_tiny_llama_gguf(tmp_path / "models" / "locked-tiny.gguf")
     locked = _cli(tmp_path, "lock", "locked-tiny")
     assert locked.returncode == 0, locked.stderr
