@@ -393,6 +393,10 @@ class Registry:
         if "://" not in manifest.source:
             manifest.source = str(Path(manifest.source).expanduser().resolve())
         path = self.models_dir / manifest.id / "manifest.json"
+        root, folder = self.models_dir.resolve(), path.parent.resolve()
+        if folder.parent != root or folder.name != manifest.id:  # a symlinked folder, a Windows drive in the id
+            raise InvalidRequestError(f"`{manifest.id}` would be written outside the models folder: "
+                                      "choose another id.", param="id")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_bytes(msgspec.json.format(msgspec.json.encode(manifest)))

@@ -12,7 +12,9 @@ from litestar.params import FromPath, FromQuery
 from litestar.response import File, Stream
 
 from server.controllers.auth import require_api_key
-from server.lab.artifacts import artifact_file, list_artifacts
+from lab_engines import ENGINES
+from server.errors import InvalidRequestError
+from server.lab.artifacts import artifact_file, is_job_id, list_artifacts
 from server.lab.service import JobNotFound, Lab
 from server.protocol.lab import ArtifactList, LabJob, LabJobList, LabModelCopy, LabModelList, SnapshotList
 from server.serving.sse import DONE, SSE_HEADERS, event
@@ -61,7 +63,7 @@ class LabController(Controller):
         lab = _lab(request)
         row = lab.latest_report(model)
         if format == "markdown":
-            path = artifact_file(lab.lab_dir, f"diagnostics/{row.id}/report.md")
+            path = artifact_file(lab.lab_dir, f"diagnostics/{row.id}/report.md")  # confined: see artifacts.py
             if path is None:
                 raise JobNotFound(f"Diagnostics job `{row.id}` has no report.md.", param="format")
             return Response(path.read_text(), media_type=_MEDIA[".md"])
@@ -110,6 +112,10 @@ class LabController(Controller):
     @get("/artifacts", sync_to_thread=True)
     def artifacts(self, request: Request, kind: FromQuery[str | None] = None,
                   job: FromQuery[str | None] = None) -> ArtifactList:
+        if kind is not None and kind not in ENGINES:
+            raise InvalidRequestError(f"Unknown kind `{kind}`: one of {', '.join(sorted(ENGINES))}.", param="kind")
+        if job is not None and not is_job_id(job):
+            raise InvalidRequestError(f"`{job}` is not a Lab job id (job_…).", param="job")
         return ArtifactList(data=list_artifacts(_lab(request).lab_dir, kind=kind, job=job))
 
     @get("/artifacts/{path:path}", sync_to_thread=True)

@@ -8,7 +8,7 @@ import msgspec
 
 from lab_engines import ENGINES
 from server.errors import InvalidRequestError, OpenAIError, decode_body
-from server.lab.artifacts import ARTIFACTS_URL
+from server.lab.artifacts import ARTIFACTS_URL, is_job_id, job_dir, job_file
 from server.lab.job_queue import JobQueue
 from server.lab.job_store import JobRow, JobStore
 from server.lab.lab_models import LabModels, MemoryBudget, lab_record
@@ -16,6 +16,8 @@ from server.protocol.lab import LabJob, Snapshot
 from server.registry import Registry
 
 __all__ = ["JobNotFound", "Lab", "LabUnavailable"]
+
+SNAPSHOT_MANIFEST = "snapshot.json"  # = lab_engines.snapshots.MANIFEST (that module imports torch)
 
 
 class JobNotFound(OpenAIError):
@@ -64,13 +66,21 @@ class Lab:
         return msgspec.to_builtins(spec)
 
     def _rollback_spec(self, model_id: str, spec: dict) -> dict:
-        row = self.store.get(spec["snapshot"])
+        """The snapshot's folder, confined: a job-id-shaped name of a finished snapshot of this model, whose
+        folder and manifest resolve (symlinks followed) inside <lab dir>/snapshot/<id>/."""
+        if spec["snapshot_dir"]:
+            raise InvalidRequestError("`snapshot_dir` is filled in by the server: give only `snapshot`.",
+                                      param="snapshot_dir")
+        row = self.store.get(spec["snapshot"]) if is_job_id(spec["snapshot"]) else None
         if row is None or row.kind != "snapshot" or row.status != "succeeded":
             raise JobNotFound(f"No snapshot `{spec['snapshot']}`: GET /lab/snapshots lists them.", param="snapshot")
         if row.model != model_id:
             raise InvalidRequestError(f"Snapshot `{row.id}` is of model `{row.model}`, not `{model_id}`.",
                                       param="snapshot")
-        return {**spec, "snapshot_dir": str(self.lab_dir / "snapshot" / row.id)}
+        folder = job_dir(self.lab_dir, "snapshot", row.id)
+        if folder is None or job_file(folder, SNAPSHOT_MANIFEST) is None:
+            raise JobNotFound(f"Snapshot `{row.id}` has no manifest in its folder of the Lab dir.", param="snapshot")
+        return {**spec, "snapshot_dir": str(folder)}
 
     # --- reading --------------------------------------------------------------------------
     def row(self, job_id: str) -> JobRow:
