@@ -12,11 +12,13 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
 import torch
 
 from lab_engines.context import JobContext
+from lab_engines.limits import ShortText
 from lab_engines.model_access import ModelView
 
 __all__ = ["RollbackSpec", "SnapshotSpec", "run_rollback", "run_snapshot", "tensor_digest", "weight_digests"]
@@ -26,11 +28,11 @@ DIGEST = re.compile(r"[0-9a-f]{64}")  # a blob's name: the sha256 of its tensor
 
 
 class SnapshotSpec(msgspec.Struct, kw_only=True):
-    note: str = ""
+    note: ShortText = ""
 
 
 class RollbackSpec(msgspec.Struct, kw_only=True):
-    snapshot: str  # the snapshot's id (the id of the job that took it)
+    snapshot: Annotated[str, msgspec.Meta(max_length=100)]  # the snapshot's id (the id of the job that took it)
     snapshot_dir: str = ""  # filled in by the server (a request may not set it): where the snapshot's manifest is
 
 
