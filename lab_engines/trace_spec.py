@@ -16,7 +16,7 @@ BASELINES = ("zero", "pad", "token", "input")
 TARGET_FNS = ("logprob", "logit")
 LIMITS = {"n_steps": (1, 4096), "batch_size": (1, 256), "max_target_tokens": (1, 64)}
 MAX_TARGET_TOKENS = 64
-BATCH_TOKENS = 4096  # path points x sequence length per IG pass (~0.3 MB of kept activations each on SmolLM2)
+BATCH_TOKENS = 4096  # path points x sequence length per IG pass (~1.5 MB of kept activations each on SmolLM2)
 
 
 class TraceSpec(msgspec.Struct, kw_only=True):

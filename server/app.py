@@ -43,7 +43,8 @@ def create_app(settings: Settings | None = None, *, adapter_factory: AdapterFact
     router = ModelRouter(registry, adapter_factory, config, metrics=metrics)
     lab_budget = RouterBudget(router)  # the Lab's torch copies count against --max-memory too
     lab = Lab(registry, Path(settings.lab_dir), adapter_factory, jobs_per_model=settings.lab_jobs_per_model,
-              max_running=settings.lab_max_running, max_copies=settings.lab_max_copies, budget=lab_budget)
+              max_running=settings.lab_max_running, max_copies=settings.lab_max_copies, budget=lab_budget,
+              budget_available=lambda: config.max_memory - router.used_memory())  # room for a job's working set
     router.add_reclaimer(lab.models.reclaim_idle)
     background: set[asyncio.Task] = set()
 

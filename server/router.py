@@ -129,7 +129,8 @@ class ModelRouter:
         return self._clock()
 
     def used_memory(self) -> int:
-        return sum(r.memory for r in self._resident.values()) + self.reserved_memory()
+        # list(): the Lab reads this from its threads while the event loop may change the dict
+        return sum(r.memory for r in list(self._resident.values())) + self.reserved_memory()
 
     def reserved_memory(self) -> int:
         with self._reserved_lock:
