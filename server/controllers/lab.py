@@ -11,8 +11,8 @@ from litestar import Controller, Request, Response, delete, get, post
 from litestar.params import FromPath, FromQuery
 from litestar.response import File, Stream
 
-from server.controllers.auth import require_api_key
 from lab_engines import ENGINES
+from server.controllers.auth import require_api_key
 from server.errors import InvalidRequestError
 from server.lab.artifacts import artifact_file, is_job_id, list_artifacts
 from server.lab.service import JobNotFound, Lab
