@@ -104,8 +104,15 @@ def gguf_shape(path: Path) -> tuple[int, int, dict[str, Any]]:
               "num_key_value_heads": meta.get(f"{arch}.attention.head_count_kv", heads),
               "head_dim": meta.get(f"{arch}.attention.key_length"),
               "hidden_size": meta.get(f"{arch}.embedding_length", 0),
+              "intermediate_size": meta.get(f"{arch}.feed_forward_length"),
+              "vocab_size": meta.get(f"{arch}.vocab_size") or _count(meta.get("tokenizer.ggml.tokens")),
               "max_position_embeddings": meta.get(f"{arch}.context_length", DEFAULT_CONTEXT)}
     return n_params, 4, config
+
+
+def _count(array: Any) -> int | None:
+    """The length of a GGUF array value (read_value gives long arrays as their length)."""
+    return len(array) if isinstance(array, list) else array if isinstance(array, int) else None
 
 
 def read_json(path: Path) -> dict[str, Any]:

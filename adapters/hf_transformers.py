@@ -371,6 +371,12 @@ class HFTransformersAdapter(Adapter):
         return sorted(self._loras), self._active_lora
 
     # --- memory ----------------------------------------------------------------------------
+    def model_config(self) -> dict:
+        """The model's shape without loading it: config.json, or a config-like dict from the GGUF header
+        (layers, hidden and feed-forward sizes, heads, vocabulary, context)."""
+        folder, gguf_file = self._files()
+        return gguf_shape(folder / gguf_file)[2] if gguf_file else read_json(folder / "config.json")
+
     def memory_estimate(self) -> int:
         """Weights (parameter count x the dtype they load as) + a KV cache for the whole context."""
         try:

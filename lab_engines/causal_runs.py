@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lab_engines.causal_spec import LOGIT_BUDGET
 from lab_engines.context import JobContext
 from lab_engines.model_access import ModelView, capture, intervene
 
@@ -25,7 +26,6 @@ __all__ = ["BatchRunner", "Edit", "Index", "Key", "Row", "add", "logit_diff", "l
 Key = tuple[str, int]  # (site, layer) as in model_access; ("embed", 0) for the embeddings
 Edit = Callable[[torch.Tensor], torch.Tensor]
 Index = tuple  # indexes after the batch dim: (pos,), (slice(None), head), (slice(a, b),)
-LOGIT_BUDGET = 1 << 27  # floats of full-sequence logits per pass (~512 MB)
 
 
 def _at(index: Index) -> tuple:

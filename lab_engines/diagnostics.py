@@ -24,12 +24,21 @@ import copy
 import math
 import time
 from pathlib import Path
-from typing import Literal
 
 import msgspec
 import torch
 
 from lab_engines.context import JobContext
+from lab_engines.diagnostics_spec import (
+    CHUNK,
+    LIMITS,
+    PRESETS,
+    ROLES,
+    SECTIONS,
+    TOKEN_BUDGET,
+    DiagnosticsSpec,
+    ProbeItem,
+)
 from lab_engines.model_access import ModelView, eager_attention
 
 __all__ = [
@@ -53,47 +62,8 @@ __all__ = [
     "token_logprobs",
 ]
 
-SECTIONS = ("heads", "spectra", "probes", "memorization")
-ROLES = ("previous_token", "duplicate_token", "induction")
-PRESETS = {  # default model on 2 shared CPU cores: quick ~25-45 s in all, full ~3.5 min (1000 controls)
-    "quick": {"n_sequences": 4, "repeat_len": 50, "n_controls": 100},
-    "full": {"n_sequences": 16, "repeat_len": 100, "n_controls": 1000},
-}
-LIMITS = {"n_sequences": (1, 256), "repeat_len": (2, 4096), "n_controls": (1, 10000)}
 PROBE_DIR = Path(__file__).resolve().parent / "probes"
 MIN_RANDOM_ID = 100  # low ids are special/control/byte tokens in most vocabularies
-CHUNK = 4  # sequences per forward pass with attentions (bounds the [L, B, H, S, S] tensor)
-TOKEN_BUDGET = 1024  # padded tokens per forward pass when scoring text (logits: 1024 x vocab floats)
-
-
-class ProbeItem(msgspec.Struct, kw_only=True):
-    """One probe: the model should prefer `correct` (a continuation of prompt, with its leading space)
-    over every one of `incorrect`."""
-
-    prompt: str
-    correct: str
-    incorrect: list[str]
-
-
-class DiagnosticsSpec(msgspec.Struct, kw_only=True):
-    """The body of POST /lab/diagnostics/run (minus `model`). None means "the mode's preset" (PRESETS) or
-    "the built-in default"."""
-
-    mode: Literal["quick", "full"] = "quick"
-    sections: list[Literal["heads", "spectra", "probes", "memorization"]] = msgspec.field(
-        default_factory=lambda: list(SECTIONS))
-    seed: int = 0
-    n_sequences: int | None = None
-    repeat_len: int | None = None
-    role_threshold: float = 0.3  # a head "is" a role when its score exceeds this (report only)
-    near_zero_eps: float = 1e-6  # |w| < eps counts as near zero (absolute, in the weight's own units)
-    outlier_z: float = 3.5  # robust z-score (Iglewicz & Hoaglin) above which a matrix is flagged
-    probe_sets: list[str] | None = None  # None: every shipped set
-    probes: list[ProbeItem] = msgspec.field(default_factory=list)  # scored as the set "user"
-    texts: list[str] | None = None  # None: BUILTIN_TEXTS (one famous, one never written before)
-    min_k_percent: float = 20.0
-    canaries: list[str] | None = None  # None: BUILTIN_CANARIES; [] for none
-    n_controls: int | None = None
 
 
 def run_diagnostics(view: ModelView, spec: DiagnosticsSpec, ctx: JobContext) -> dict:

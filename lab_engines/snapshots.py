@@ -10,26 +10,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
 import torch
 
 from lab_engines.context import JobContext
+from lab_engines.limits import ShortText
 from lab_engines.model_access import ModelView
 
 __all__ = ["RollbackSpec", "SnapshotSpec", "run_rollback", "run_snapshot", "tensor_digest", "weight_digests"]
 
 MANIFEST = "snapshot.json"
+DIGEST = re.compile(r"[0-9a-f]{64}")  # a blob's name: the sha256 of its tensor
 
 
 class SnapshotSpec(msgspec.Struct, kw_only=True):
-    note: str = ""
+    note: ShortText = ""
 
 
 class RollbackSpec(msgspec.Struct, kw_only=True):
-    snapshot: str  # the snapshot's id (the id of the job that took it)
-    snapshot_dir: str = ""  # filled in by the server: where that snapshot's manifest is
+    snapshot: Annotated[str, msgspec.Meta(max_length=100)]  # the snapshot's id (the id of the job that took it)
+    snapshot_dir: str = ""  # filled in by the server (a request may not set it): where the snapshot's manifest is
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
@@ -120,10 +124,13 @@ def _planned_restores(view: ModelView, manifest: dict, current: dict[str, str], 
 def run_rollback(view: ModelView, spec: RollbackSpec, ctx: JobContext) -> dict:
     from safetensors.torch import load_file
 
-    path = Path(spec.snapshot_dir) / MANIFEST
-    if not path.is_file():
-        raise ValueError(f"Snapshot `{spec.snapshot}` has no manifest at {path}.")
+    folder = Path(spec.snapshot_dir).resolve()
+    path = (folder / MANIFEST).resolve()
+    if path.parent != folder or not path.is_file():  # a manifest symlinked out of its folder is no manifest
+        raise ValueError(f"Snapshot `{spec.snapshot}` has no manifest in its folder.")
     manifest = json.loads(path.read_text())
+    if not all(isinstance(d, str) and DIGEST.fullmatch(d) for d in manifest.get("tensors", {}).values()):
+        raise ValueError(f"Snapshot `{spec.snapshot}` has a damaged manifest: a tensor digest is not a sha256.")
     current = weight_digests(view, ctx, (0.0, 0.4))
     changed = _planned_restores(view, manifest, current, ctx.store_dir)
     tensors = _tensors(view)

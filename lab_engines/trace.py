@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Literal
 
-import msgspec
 import torch
 
 from lab_engines.context import JobContext
@@ -41,38 +39,15 @@ from lab_engines.trace_grad import Objective, grad_act
 from lab_engines.trace_ig import integrated_gradients
 from lab_engines.trace_plots import plot_heatmap, plot_tokens
 from lab_engines.trace_rollout import attention_rollout
+from lab_engines.trace_spec import BASELINES, BATCH_TOKENS, LIMITS, MAX_TARGET_TOKENS, METHODS, TARGET_FNS, TraceSpec
 
 __all__ = ["BASELINES", "FORMULAS", "METHODS", "TARGET_FNS", "TraceSpec", "run_trace"]
 
-METHODS = ("grad_act", "integrated_gradients", "attention_rollout")
-BASELINES = ("zero", "pad", "token", "input")
-TARGET_FNS = ("logprob", "logit")
 FORMULAS = {
     "logprob": "F = sum_j log p(target_j | prefix, prompt, target_<j)",
     "logit": "F = sum_j logit(target_j | prefix, prompt, target_<j)",
 }
-LIMITS = {"n_steps": (1, 4096), "batch_size": (1, 256), "max_target_tokens": (1, 64)}
-MAX_TARGET_TOKENS = 64
 DOCUMENT_START = "<|endoftext|>"
-BATCH_TOKENS = 4096  # path points x sequence length per IG pass (~0.3 MB of kept activations each on SmolLM2)
-
-
-class TraceSpec(msgspec.Struct, kw_only=True):
-    """The body of POST /lab/trace (minus `model`). Defaults: IG from a zero baseline with up to 512 gradient
-    points (most prompts converge with 150-350), 32 per pass, attributing the log-prob of the greedy next token."""
-
-    prompt: str
-    target: str | None = None
-    max_target_tokens: int = 1
-    prefix: str | None = None
-    method: Literal["grad_act", "integrated_gradients", "attention_rollout"] = "integrated_gradients"
-    target_fn: Literal["logprob", "logit"] = "logprob"
-    n_steps: int = 512
-    tolerance: float = 0.02
-    baseline: Literal["zero", "pad", "token", "input"] = "zero"
-    baseline_token_id: int | None = None
-    batch_size: int = 32
-    plots: bool = True
 
 
 def run_trace(view: ModelView, spec: TraceSpec, ctx: JobContext) -> dict:

@@ -12,9 +12,10 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery
 from litestar.response import File, Stream
 
+from lab_engines import ENGINES
 from server.controllers.auth import require_api_key
-from server.errors import JobNotFound
-from server.lab.artifacts import artifact_file, list_artifacts
+from server.errors import InvalidRequestError, JobNotFound
+from server.lab.artifacts import artifact_file, is_job_id, list_artifacts
 from server.lab.service import Lab
 from server.runtime import ModelPool
 from server.protocol.lab import ArtifactList, LabJob, LabJobList, LabModelCopy, LabModelList, SnapshotList
@@ -59,7 +60,7 @@ class LabController(Controller):
         """The latest finished diagnostics of a model: its JSON result, or ?format=markdown for report.md."""
         row = lab.latest_report(model)
         if format == "markdown":
-            path = artifact_file(lab.lab_dir, f"diagnostics/{row.id}/report.md")
+            path = artifact_file(lab.lab_dir, f"diagnostics/{row.id}/report.md")  # confined: see artifacts.py
             if path is None:
                 raise JobNotFound(f"Diagnostics job `{row.id}` has no report.md.", param="format")
             return Response(path.read_text(), media_type=_MEDIA[".md"])
@@ -103,6 +104,10 @@ class LabController(Controller):
     @get("/artifacts", sync_to_thread=True)
     def artifacts(self, lab: NamedDependency[Lab], kind: FromQuery[str | None] = None,
                   job: FromQuery[str | None] = None) -> ArtifactList:
+        if kind is not None and kind not in ENGINES:
+            raise InvalidRequestError(f"Unknown kind `{kind}`: one of {', '.join(sorted(ENGINES))}.", param="kind")
+        if job is not None and not is_job_id(job):
+            raise InvalidRequestError(f"`{job}` is not a Lab job id (job_…).", param="job")
         return ArtifactList(data=list_artifacts(lab.lab_dir, kind=kind, job=job))
 
     @get("/artifacts/{path:path}", sync_to_thread=True)

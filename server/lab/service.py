@@ -1,14 +1,17 @@
 """The Lab as the controllers see it: validate a request, queue a job, describe jobs and snapshots."""
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 
 from lab_engines import ENGINES
+from lab_engines.working_memory import ModelDims, responsible_field, working_memory
 from server.errors import InvalidRequestError, JobNotFound, LabUnavailable, decode_body
-from server.lab.artifacts import ARTIFACTS_URL
+from server.lab.artifacts import ARTIFACTS_URL, is_job_id, job_dir, job_file
 from server.lab.job_queue import JobQueue
 from server.lab.job_store import JobRow, JobStore
 from server.lab.lab_models import LabModels, lab_record
@@ -18,12 +21,19 @@ from server.runtime import ModelPool
 
 __all__ = ["Lab"]
 
+log = logging.getLogger("omniloader.lab")
+SNAPSHOT_MANIFEST = "snapshot.json"  # = lab_engines.snapshots.MANIFEST (that module imports torch)
+
 
 class Lab:
     def __init__(self, registry: Registry, lab_dir: Path, pool: ModelPool, *, jobs_per_model: int = 1,
-                 max_running: int = 2) -> None:
+                 max_running: int = 2, budget_available: Callable[[], int] | None = None) -> None:
+        """budget_available() is the memory a job's working set may take now (--max-memory minus what is
+        loaded); None: jobs are not checked against it."""
         self.registry = registry
         self.lab_dir = Path(lab_dir)
+        self._adapter_factory = pool.adapter_factory  # reads a model's shape without loading it
+        self._budget_available = budget_available
         self.store = JobStore(self.lab_dir / "jobs.sqlite3")
         self.models = LabModels(registry, pool)
         self.queue = JobQueue(self.store, self.models, self.lab_dir, jobs_per_model=jobs_per_model,
@@ -38,28 +48,64 @@ class Lab:
             raise InvalidRequestError("`model` is required: the id or alias of a served model.", param="model")
         record = self.registry.resolve(model)
         lab_record(record)  # 400 now, not a failed job later, for a backend without torch weights
-        spec = self._spec(kind, data)
+        decoded = self._spec(kind, data)
+        spec = msgspec.to_builtins(decoded)
         if kind == "rollback":
             spec = self._rollback_spec(record.id, spec)
+        self._check_memory(kind, record, decoded)
         return self.job(self.queue.submit(kind, record.id, spec))
 
-    def _spec(self, kind: str, data: dict) -> dict:
+    def _spec(self, kind: str, data: dict) -> msgspec.Struct:
         try:
             spec_type = ENGINES[kind].spec_type()
         except ImportError as exc:
             raise LabUnavailable(f"The Lab needs torch and transformers: pip install 'omniloader[lab]' ({exc}).") \
                 from exc
-        spec = decode_body(msgspec.json.encode(data), spec_type)
-        return msgspec.to_builtins(spec)
+        return decode_body(msgspec.json.encode(data), spec_type)
 
     def _rollback_spec(self, model_id: str, spec: dict) -> dict:
-        row = self.store.get(spec["snapshot"])
+        """The snapshot's folder, confined: a job-id-shaped name of a finished snapshot of this model, whose
+        folder and manifest resolve (symlinks followed) inside <lab dir>/snapshot/<id>/."""
+        if spec["snapshot_dir"]:
+            raise InvalidRequestError("`snapshot_dir` is filled in by the server: give only `snapshot`.",
+                                      param="snapshot_dir")
+        row = self.store.get(spec["snapshot"]) if is_job_id(spec["snapshot"]) else None
         if row is None or row.kind != "snapshot" or row.status != "succeeded":
             raise JobNotFound(f"No snapshot `{spec['snapshot']}`: GET /lab/snapshots lists them.", param="snapshot")
         if row.model != model_id:
             raise InvalidRequestError(f"Snapshot `{row.id}` is of model `{row.model}`, not `{model_id}`.",
                                       param="snapshot")
-        return {**spec, "snapshot_dir": str(self.lab_dir / "snapshot" / row.id)}
+        folder = job_dir(self.lab_dir, "snapshot", row.id)
+        if folder is None or job_file(folder, SNAPSHOT_MANIFEST) is None:
+            raise JobNotFound(f"Snapshot `{row.id}` has no manifest in its folder of the Lab dir.", param="snapshot")
+        return {**spec, "snapshot_dir": str(folder)}
+
+    def _check_memory(self, kind: str, record, spec: msgspec.Struct) -> None:
+        """400 naming the field that weighs most when the job's estimated working memory does not fit."""
+        if self._budget_available is None:
+            return
+        dims = self._dims(record)
+        if dims is None:
+            return
+        need, room = working_memory(kind, spec, dims), self._budget_available()
+        if need <= room:
+            return
+        field = responsible_field(kind, spec, dims)
+        advice = "the model itself is too large for it" if field == "model" else f"lower `{field}`, which weighs most"
+        raise InvalidRequestError(
+            f"This {kind} job needs about {need >> 20} MiB of working memory beyond the model's weights (estimated "
+            f"from the spec and the model's shape: {dims.n_layers} layers, hidden size {dims.d_model}, vocabulary "
+            f"{dims.vocab}), more than the {max(room, 0) >> 20} MiB free of the memory budget (--max-memory minus "
+            f"what is loaded): {advice}.", param=field, code="lab_job_too_large")
+
+    def _dims(self, record) -> ModelDims | None:
+        """The model's shape from its config.json or GGUF header; None when it cannot be read (the load will
+        say why), so that only the bounds apply."""
+        try:
+            return ModelDims.from_config(self._adapter_factory(lab_record(record)).model_config())
+        except Exception as exc:  # noqa: BLE001 - best effort: an unreadable shape never blocks a job
+            log.debug("lab: no model shape for %s (%s): working memory not checked", record.id, exc)
+            return None
 
     # --- reading --------------------------------------------------------------------------
     def row(self, job_id: str) -> JobRow:

@@ -30,6 +30,10 @@ def registration(body: bytes, records: Mapping[str, ModelRecord]) -> Manifest:
 
 def write_manifest(models_dir: Path, manifest: Manifest) -> Path:
     path = models_dir / manifest.id / "manifest.json"
+    root, folder = models_dir.resolve(), path.parent.resolve()
+    if folder.parent != root or folder.name != manifest.id:  # a symlinked folder, a Windows drive in the id
+        raise InvalidRequestError(f"`{manifest.id}` would be written outside the models folder: choose another id.",
+                                  param="id")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_bytes(msgspec.json.format(msgspec.json.encode(manifest)))

@@ -53,6 +53,7 @@ class ModelPool:
         self.config = config
         self.metrics = metrics or Metrics()
         self.overlays: OverlayResolver | None = None  # set by whoever serves overlays (the Lab's auras)
+        self.adapter_factory = adapter_factory
         self._factory, self._clock, self._probe = adapter_factory, clock, memory_probe
         self._serving: dict[str, Instance] = {}
         self._copies: list[Instance] = []

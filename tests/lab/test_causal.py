@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from lab_engines.ablation import ablation_edit
-from lab_engines.causal import CausalSpec, run_causal
+from lab_engines.causal import CausalSpec, NoiseSpec, run_causal
 from lab_engines.causal_runs import add, put
 from lab_engines.causal_tracing import window_layers
 from lab_engines.context import JobCancelled, JobContext
@@ -360,8 +360,10 @@ def test_cancel_raises_and_removes_hooks(tiny_view, tmp_path, body):
     ({**PATCH, "batch_size": 0}, "batch_size"),
 ])
 def test_bad_spec_raises_value_error(tiny_view, job_ctx, body, message):
+    """The engine's own checks, on specs built in Python (the server's decoding rejects some of these first)."""
+    fields = {**body, "noise": NoiseSpec(**body["noise"])} if "noise" in body else body
     with pytest.raises(ValueError, match=message):
-        run(tiny_view, job_ctx, **body)
+        run_causal(tiny_view, CausalSpec(**fields), job_ctx)
 
 
 def test_spec_decodes_like_the_server():
@@ -370,3 +372,7 @@ def test_spec_decodes_like_the_server():
     assert msgspec.convert({"noise": {"subject": "x"}}, CausalSpec).noise.samples == 10
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"intervention": "erase"}, CausalSpec)
+    for body, path in (({"batch_size": 0}, "batch_size"), ({"noise": {"subject": "x", "samples": 257}}, "noise.samples"),
+                       ({"max_tokens": 0}, "max_tokens")):  # bounds: the server's 400 names the field
+        with pytest.raises(msgspec.ValidationError, match=rf"\$\.{path}"):
+            msgspec.convert(body, CausalSpec)
