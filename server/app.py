@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None, *, adapter_factory: AdapterFact
     pool = ModelPool(registry, adapter_factory, config, metrics=metrics)  # every loaded instance, one budget
     lab = Lab(registry, Path(settings.lab_dir), pool, jobs_per_model=settings.lab_jobs_per_model,
               max_running=settings.lab_max_running,
-              budget_available=lambda: config.max_memory - pool.used_memory())  # room for a job's working set
+              budget_available=pool.room_for)  # room for a job's working set
     background: set[asyncio.Task] = set()
 
     def on_startup() -> None:

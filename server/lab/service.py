@@ -16,7 +16,7 @@ from server.lab.job_queue import JobQueue
 from server.lab.job_store import JobRow, JobStore
 from server.lab.lab_models import LabModels, lab_record
 from server.protocol.lab import LabJob, Snapshot
-from server.registry import Registry
+from server.registry import ModelRecord, Registry
 from server.runtime import ModelPool
 
 __all__ = ["Lab"]
@@ -27,9 +27,9 @@ SNAPSHOT_MANIFEST = "snapshot.json"  # = lab_engines.snapshots.MANIFEST (that mo
 
 class Lab:
     def __init__(self, registry: Registry, lab_dir: Path, pool: ModelPool, *, jobs_per_model: int = 1,
-                 max_running: int = 2, budget_available: Callable[[], int] | None = None) -> None:
-        """budget_available() is the memory a job's working set may take now (--max-memory minus what is
-        loaded); None: jobs are not checked against it."""
+                 max_running: int = 2, budget_available: Callable[[ModelRecord], int] | None = None) -> None:
+        """budget_available(record) is the memory a job's working set may take on a copy of `record`
+        (ModelPool.room_for); None: jobs are not checked against it."""
         self.registry = registry
         self.lab_dir = Path(lab_dir)
         self._adapter_factory = pool.adapter_factory  # reads a model's shape without loading it
@@ -87,7 +87,7 @@ class Lab:
         dims = self._dims(record)
         if dims is None:
             return
-        need, room = working_memory(kind, spec, dims), self._budget_available()
+        need, room = working_memory(kind, spec, dims), self._budget_available(lab_record(record))
         if need <= room:
             return
         field = responsible_field(kind, spec, dims)
@@ -95,8 +95,8 @@ class Lab:
         raise InvalidRequestError(
             f"This {kind} job needs about {need >> 20} MiB of working memory beyond the model's weights (estimated "
             f"from the spec and the model's shape: {dims.n_layers} layers, hidden size {dims.d_model}, vocabulary "
-            f"{dims.vocab}), more than the {max(room, 0) >> 20} MiB free of the memory budget (--max-memory minus "
-            f"what is loaded): {advice}.", param=field, code="lab_job_too_large")
+            f"{dims.vocab}), more than the {max(room, 0) >> 20} MiB of the memory budget (--max-memory) left once "
+            f"the Lab's copy is loaded and idle models give way: {advice}.", param=field, code="lab_job_too_large")
 
     def _dims(self, record) -> ModelDims | None:
         """The model's shape from its config.json or GGUF header; None when it cannot be read (the load will

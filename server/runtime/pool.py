@@ -98,6 +98,14 @@ class ModelPool:
     def used_memory(self) -> int:
         return sum(i.memory for i in self.instances())
 
+    def room_for(self, record: ModelRecord, purpose: str = LAB) -> int:
+        """Bytes left for a private copy's working set once the copy is in: the budget minus what busy
+        instances hold (idle ones give way) minus the copy itself unless an idle one is loaded."""
+        every = self.instances()
+        busy = sum(i.memory for i in every if i.busy)
+        idle_copy = any(i.model_id == record.id and i.purpose == purpose and not i.busy for i in every)
+        return self.config.max_memory - busy - (0 if idle_copy else self._factory(record).memory_estimate())
+
     # --- serving leases --------------------------------------------------------------------
     async def acquire(self, name: str, *, keep_alive: str | float | None = None,
                       disconnected: Callable[[], Awaitable[None]] | None = None) -> Lease:

@@ -55,9 +55,10 @@ def test_lab_copies_and_served_models_share_the_budget(live):
         assert served == ["smollm2-135m-instruct"] and copies == [] and used <= BUDGET
 
         # a running job's copy cannot be taken: the chat load that does not fit is a 507, and nothing breaks.
-        # batch_size 4: at the default 32 the job's working memory (~2 GiB estimated) would not fit the budget
-        job = submit(http, "/lab/trace", model="default", method="integrated_gradients", n_steps=4096, batch_size=4,
-                     tolerance=0.0, prompt="The quick brown fox jumps over the lazy dog while the farmer watches")
+        # A long job whose working set (~100 MiB estimated) fits beside the copy in the budget: at batch_size 32
+        # or on a longer prompt, the submit-time check refuses it (the copy leaves ~140 MiB of the 900).
+        job = submit(http, "/lab/trace", model="default", method="integrated_gradients", n_steps=4096, batch_size=2,
+                     tolerance=0.0, prompt="The quick brown fox")
         wait(http, job["id"], statuses=("running",))
         deadline = time.monotonic() + 60
         while state(http)[0] and time.monotonic() < deadline:  # until the job's copy has evicted the model

@@ -164,5 +164,6 @@ def test_ordinary_jobs_still_run_on_the_small_budget(http):
                        ("causal_test", {**NOISE, "noise": {"subject": "Eiffel Tower", "samples": 3}})):
         job = wait(http, submit(http, ROUTES[kind], model="tiny-hf", **body)["id"])
         assert job["status"] == "succeeded", job
-    queued = submit(http, "/lab/causal_test", model="default", **PATCH)  # fits the check (the copy itself won't)
-    http.delete(f"/lab/jobs/{queued['id']}")
+    # the default model's copy alone does not fit this budget: refused at submit, naming the model
+    refused = http.post("/lab/causal_test", json={"model": "default", **PATCH})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "model", refused.text
