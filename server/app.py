@@ -23,6 +23,7 @@ from server.metrics import Metrics
 from server.middleware import RequestMetricsMiddleware
 from server.registry import Registry
 from server.runtime import AdapterFactory, ModelPool, PoolConfig
+from server.serving.recent import RecentCompletions
 from server.settings import Settings
 
 __all__ = ["create_app"]
@@ -44,6 +45,8 @@ def create_app(settings: Settings | None = None, *, adapter_factory: AdapterFact
     lab = Lab(registry, Path(settings.lab_dir), pool, jobs_per_model=settings.lab_jobs_per_model,
               max_running=settings.lab_max_running,
               budget_available=pool.room_for)  # room for a job's working set
+    recent = RecentCompletions()  # chat completions a correction may name (POST /lab/queue completion_id)
+    lab.teaching.recent = recent
     background: set[asyncio.Task] = set()
 
     def on_startup() -> None:
@@ -67,7 +70,8 @@ def create_app(settings: Settings | None = None, *, adapter_factory: AdapterFact
     return Litestar(
         route_handlers=[OpenAIController, ResponsesController, ModelsController, LabController, *ops_handlers],
         dependencies={"pool": Provide(lambda: pool, use_cache=True, sync_to_thread=False),
-                      "lab": Provide(lambda: lab, use_cache=True, sync_to_thread=False)},
+                      "lab": Provide(lambda: lab, use_cache=True, sync_to_thread=False),
+                      "recent": Provide(lambda: recent, use_cache=True, sync_to_thread=False)},
         exception_handlers=exception_handlers,
         on_startup=[on_startup],
         on_shutdown=[on_shutdown],

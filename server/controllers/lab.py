@@ -18,6 +18,7 @@ from server.errors import InvalidRequestError, JobNotFound
 from server.lab.artifacts import artifact_file, is_job_id, list_artifacts
 from server.lab.service import Lab
 from server.runtime import ModelPool
+from server.protocol.corrections import Correction, CorrectionDeleted, CorrectionList
 from server.protocol.lab import ArtifactList, LabJob, LabJobList, LabModelCopy, LabModelList, SnapshotList
 from server.serving.sse import DONE, SSE_HEADERS, event
 
@@ -53,6 +54,28 @@ class LabController(Controller):
     @post("/rollback", status_code=202, sync_to_thread=True)
     def rollback(self, lab: NamedDependency[Lab], body: bytes) -> LabJob:
         return lab.submit("rollback", body)
+
+    @post("/train/target", status_code=202, sync_to_thread=True)
+    def train_target(self, lab: NamedDependency[Lab], body: bytes) -> LabJob:
+        return lab.submit("train_target", body)
+
+    @post("/train/live", status_code=202, sync_to_thread=True)
+    def train_live(self, lab: NamedDependency[Lab], body: bytes) -> LabJob:
+        return lab.submit("train_live", body)
+
+    # --- the correction queue -----------------------------------------------------------
+    @post("/queue", status_code=200, sync_to_thread=True)
+    def queue_correction(self, lab: NamedDependency[Lab], body: bytes) -> Correction:
+        return lab.teaching.queue(body)
+
+    @get("/queue", sync_to_thread=True)
+    def corrections(self, lab: NamedDependency[Lab], model: FromQuery[str | None] = None) -> CorrectionList:
+        return CorrectionList(data=lab.teaching.listed(model))
+
+    @delete("/queue/{correction_id:str}", status_code=200, sync_to_thread=True)
+    def delete_correction(self, lab: NamedDependency[Lab], correction_id: FromPath[str]) -> CorrectionDeleted:
+        lab.teaching.delete(correction_id)
+        return CorrectionDeleted(id=correction_id)
 
     # --- reading ----------------------------------------------------------------------
     @get("/diagnostics/report", sync_to_thread=True)

@@ -17,6 +17,7 @@ from server.serving.chat import chat_completion, chat_events
 from server.serving.completions import CompletionJob, completion_events, text_completion
 from server.serving.embeddings import embed
 from server.serving.generation import chat_params, chat_tool_mode, completion_params
+from server.serving.recent import RecentCompletions
 from server.serving.run import CHAT, COMPLETION, Generation, leased, require_capability, run_generation
 from server.serving.tools import ToolMode
 
@@ -57,7 +58,8 @@ class OpenAIController(Controller):
         return OpenAIModelList(data=[OpenAIModel(id=r.id, created=registry.scanned_at) for r in registry.usable()])
 
     @post("/chat/completions", status_code=200)
-    async def chat_completions(self, request: Request, pool: NamedDependency[ModelPool]) -> Response:
+    async def chat_completions(self, request: Request, pool: NamedDependency[ModelPool],
+                               recent: NamedDependency[RecentCompletions]) -> Response:
         req: ChatCompletionRequest = decode_body(await request.body(), ChatCompletionRequest)
         mode = chat_tool_mode(req)
         params = chat_params(req, {}, mode)  # validates before any model is loaded
@@ -71,11 +73,17 @@ class OpenAIController(Controller):
             await gens[0].start()  # errors before the first token become a real HTTP status
             return gens
 
+        conversation = [msgspec.to_builtins(m) for m in req.messages]
+
         def stream(gens):
-            return chat_events(gens, gens[0].worker.name, mode, _include_usage(req), params.logprobs)
+            name = gens[0].worker.name
+            return chat_events(gens, name, mode, _include_usage(req), params.logprobs,
+                               on_done=lambda cid, text: recent.record(cid, name, conversation, text))
 
         async def collect(gens):
-            return await chat_completion(gens, gens[0].worker.name, mode, params.logprobs)
+            result = await chat_completion(gens, gens[0].worker.name, mode, params.logprobs)
+            recent.record(result.id, result.model, conversation, result.choices[0].message.content or "")
+            return result
 
         return await run_generation(pool, request, model=req.model, keep_alive=req.keep_alive, surface=surface,
                                     start=start, stream=stream if req.stream else None, collect=collect)

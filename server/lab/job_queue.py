@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -81,6 +82,8 @@ class JobQueue:
         self._cond = threading.Condition()
         self._closed = False
         self._threads: list[threading.Thread] = []
+        # Called with (row, result) when a job succeeds; what it returns is added to the stored result.
+        self.on_success: Callable[[JobRow, dict], dict] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -186,6 +189,8 @@ class JobQueue:
             live.stage = "running"
             result = engine.runner()(copy.view, spec, ctx)
             artifacts = [f"{row.kind}/{row.id}/{name}" for name in result.get("artifacts", [])]
+            if self.on_success is not None:
+                result = {**result, **self.on_success(row, result)}
             try:
                 self.store.finish(row.id, "succeeded", result=result, artifacts=artifacts, progress=1.0,
                                   message=live.message or "done")

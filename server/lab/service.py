@@ -14,7 +14,9 @@ from server.errors import InvalidRequestError, JobNotFound, LabUnavailable, deco
 from server.lab.artifacts import ARTIFACTS_URL, is_job_id, job_dir, job_file
 from server.lab.job_queue import JobQueue
 from server.lab.job_store import JobRow, JobStore
+from server.lab.corrections import CorrectionStore
 from server.lab.lab_models import LabModels, lab_record
+from server.lab.teaching import TRAIN_KINDS, Teaching
 from server.protocol.lab import LabJob, Snapshot
 from server.registry import ModelRecord, Registry
 from server.runtime import ModelPool
@@ -38,6 +40,8 @@ class Lab:
         self.models = LabModels(registry, pool)
         self.queue = JobQueue(self.store, self.models, self.lab_dir, jobs_per_model=jobs_per_model,
                               max_running=max_running)
+        self.teaching = Teaching(registry, CorrectionStore(self.lab_dir / "corrections.sqlite3"))
+        self.queue.on_success = self.teaching.finished
 
     # --- submission -----------------------------------------------------------------------
     def submit(self, kind: str, body: bytes) -> LabJob:
@@ -48,8 +52,9 @@ class Lab:
             raise InvalidRequestError("`model` is required: the id or alias of a served model.", param="model")
         record = self.registry.resolve(model)
         lab_record(record)  # 400 now, not a failed job later, for a backend without torch weights
+        extra = self.teaching.prepare(kind, record.id, data) if kind in TRAIN_KINDS else {}
         decoded = self._spec(kind, data)
-        spec = msgspec.to_builtins(decoded)
+        spec = {**msgspec.to_builtins(decoded), **extra}
         if kind == "rollback":
             spec = self._rollback_spec(record.id, spec)
         self._check_memory(kind, record, decoded)

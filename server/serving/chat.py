@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from msgspec import UNSET
 
@@ -31,6 +31,8 @@ from server.serving.sse import DONE, error_event, event
 from server.serving.tools import ToolMode
 
 __all__ = ["total_usage", "chat_logprobs", "chat_completion", "chat_events"]
+
+OnDone = Callable[[str, str], None] | None  # (completion id, the first choice's text) once a stream ends well
 
 
 def total_usage(usages: list[AdapterUsage | None]) -> Usage:
@@ -74,7 +76,7 @@ async def chat_completion(gens: list[Generation], model: str, mode: ToolMode, lo
 
 
 async def chat_events(gens: list[Generation], model: str, mode: ToolMode, include_usage: bool,
-                      logprobs: bool) -> AsyncIterator[bytes]:
+                      logprobs: bool, on_done: OnDone = None) -> AsyncIterator[bytes]:
     """The SSE body. Per choice: a first chunk with the role and the first content or tool call,
     more chunks, a finish chunk; then [a usage chunk and] [DONE]. An error after the first byte
     is sent in-band, then [DONE]."""
@@ -86,12 +88,14 @@ async def chat_events(gens: list[Generation], model: str, mode: ToolMode, includ
         return event(ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=[choice],
                                          usage=usage_field))
 
-    usages = []
+    usages, first_text = [], []
     try:
         for index, gen in enumerate(gens):
             role = "assistant"  # sent once per choice, with its first piece
             async for ev in chat_run(gen, mode):
                 if isinstance(ev, TextDelta):
+                    if index == 0:
+                        first_text.append(ev.text)
                     yield chunk(index, ChunkDelta(role=role or UNSET, content=ev.text), None,
                                 chat_logprobs(ev.logprobs or []) if logprobs else None)
                 elif isinstance(ev, ToolCallStart):
@@ -109,6 +113,8 @@ async def chat_events(gens: list[Generation], model: str, mode: ToolMode, includ
         if include_usage:
             yield event(ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=[],
                                             usage=total_usage(usages)))
+        if on_done is not None:
+            on_done(chunk_id, "".join(first_text))
     except Exception as exc:
         yield error_event(exc)
     yield DONE
