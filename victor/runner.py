@@ -3,7 +3,8 @@ the public-domain text in data/. OmniLoader runs this file in its own worker pro
 
     init(config)               once, with config.yaml's contents (+ "root": this folder)
     infer(messages, params)    per request: yields text pieces (a dict = usage); may `return` usage
-    tokenize(text), detokenize(ids), diagnostics(), trace(text)    optional hooks (the Lab's)
+    tokenize(text), detokenize(ids), diagnostics(), trace(text), causal_test(spec),
+    train_target(examples, settings)                                  optional hooks (the Lab's)
 
 See README.md for the whole contract. Needs torch (the `hf` extra)."""
 from __future__ import annotations
@@ -171,3 +172,56 @@ def trace(text: str) -> list[dict[str, Any]]:
     probs = F.softmax(model(torch.tensor([ids[:-1]]))[0], dim=-1)
     return [{"byte": chr(ids[i + 1]), "p": float(probs[i, ids[i + 1]]), "top": chr(int(probs[i].argmax()))}
             for i in range(len(ids) - 1)]
+
+
+def _logprob(model: TinyGPT, prompt: list[int], target: list[int]) -> torch.Tensor:
+    """Summed log-probability of `target`'s bytes after `prompt` (the last `context` bytes)."""
+    ids = (prompt + target)[-model.context:]
+    logits = model(torch.tensor([ids[:-1]]))[0]
+    start = len(ids) - len(target) - 1
+    return F.log_softmax(logits[start:], dim=-1).gather(1, torch.tensor(ids[start + 1:])[:, None]).sum()
+
+
+@torch.no_grad()
+def causal_test(spec: dict[str, Any]) -> dict[str, Any]:
+    """Zero-ablate each block's MLP in turn: how much the log-probability of `answer` after `prompt`
+    drops (a positive effect means the block helps predict it)."""
+    model = _state["model"]
+    prompt = list(str(spec.get("prompt") or spec.get("clean") or "").encode("utf-8"))
+    answer = list(str(spec.get("answer") or " ").encode("utf-8"))
+    base = float(_logprob(model, prompt, answer))
+    effects = []
+    for i, block in enumerate(model.blocks):
+        handle = block.mlp.register_forward_hook(lambda _m, _i, out: torch.zeros_like(out))
+        try:
+            effects.append({"layer": i, "site": "mlp", "effect": base - float(_logprob(model, prompt, answer))})
+        finally:
+            handle.remove()
+    return {"intervention": "ablate", "answer_logprob": base, "layers": effects}
+
+
+def train_target(examples: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
+    """Teach the examples in place: a few Adam steps on the whole model raising each target's
+    log-probability after its prompt. The change lives in this process until it restarts."""
+    model = _state["model"]
+    steps, lr = int(settings.get("steps", 20)), float(settings.get("lr", 3e-3))
+    pairs = []
+    for example in examples:
+        messages = example.get("messages") or [{"role": "user", "content": example.get("prompt", "")}]
+        prompt = prompt_text(messages, {"mode": "chat" if example.get("messages") else "completion",
+                                        "prompt": example.get("prompt")})
+        pairs.append((list(prompt.encode("utf-8")), list(str(example["target"]).encode("utf-8"))))
+    with torch.no_grad():
+        before = [float(_logprob(model, p, t)) for p, t in pairs]
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = -sum(_logprob(model, p, t) for p, t in pairs) / len(pairs)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        after = [float(_logprob(model, p, t)) for p, t in pairs]
+    return {"method": "finetune", "steps": steps, "lr": lr, "target_logprob_before": before,
+            "target_logprob_after": after}

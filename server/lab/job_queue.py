@@ -27,6 +27,7 @@ from adapters.errors import EngineError
 from server.errors import OpenAIError, from_engine
 from server.lab.job_store import JobRow, JobStore
 from server.lab.lab_models import LabModels
+from server.lab.runner_jobs import RUNNER_KEY, as_result, runner_call
 
 __all__ = ["STORE_DIR", "JobQueue", "LiveJob"]
 
@@ -179,15 +180,19 @@ class JobQueue:
         live.ctx = ctx
         if live.cancel_requested or self._closed:
             ctx.cancel()
-        engine = ENGINES[row.kind]
         copy = None
         try:
-            spec = msgspec.convert(row.spec, engine.spec_type())
-            live.stage, live.message = "loading", f"loading {row.model} for the Lab"
-            copy = self.models.checkout(row.model, lambda f: setattr(live, "message", f"loading {f:.0%}"))
-            ctx.check()
-            live.stage = "running"
-            result = engine.runner()(copy.view, spec, ctx)
+            if RUNNER_KEY in row.spec:  # a custom runner's own Lab function, in its process
+                live.stage = "running"
+                result = as_result(self.models.call_runner(row.model, *runner_call(row.spec)))
+            else:
+                engine = ENGINES[row.kind]
+                spec = msgspec.convert(row.spec, engine.spec_type())
+                live.stage, live.message = "loading", f"loading {row.model} for the Lab"
+                copy = self.models.checkout(row.model, lambda f: setattr(live, "message", f"loading {f:.0%}"))
+                ctx.check()
+                live.stage = "running"
+                result = engine.runner()(copy.view, spec, ctx)
             artifacts = [f"{row.kind}/{row.id}/{name}" for name in result.get("artifacts", [])]
             if self.on_success is not None:
                 result = {**result, **self.on_success(row, result)}

@@ -68,6 +68,15 @@ class LabModels:
                               hint=HINT_MODEL)
         return LabCopy(model_id, lease, ModelView(handle.model, handle.tokenizer))
 
+    def call_runner(self, model_id: str, function: str, args: list) -> object:
+        """runner.<function>(*args) in a custom runner's process, on a lease of its serving instance
+        (the runner serves requests and Lab calls in turn). Blocking: call from a job thread."""
+        lease = self.pool.acquire_blocking(model_id)
+        try:
+            return self.pool.call_blocking(lease, lambda adapter: adapter.call_runner(function, *args))
+        finally:
+            lease.release()
+
     def checkin(self, copy: LabCopy) -> None:
         copy.lease.release()
 

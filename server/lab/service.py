@@ -16,6 +16,7 @@ from server.lab.job_queue import JobQueue
 from server.lab.job_store import JobRow, JobStore
 from server.lab.corrections import CorrectionStore
 from server.lab.lab_models import LabModels, lab_record
+from server.lab.runner_jobs import is_runner_model, runner_spec
 from server.lab.teaching import TRAIN_KINDS, Teaching
 from server.protocol.lab import LabJob, Snapshot
 from server.registry import ModelRecord, Registry
@@ -51,6 +52,8 @@ class Lab:
         if not isinstance(model, str) or not model:
             raise InvalidRequestError("`model` is required: the id or alias of a served model.", param="model")
         record = self.registry.resolve(model)
+        if is_runner_model(record):  # a custom runner does its own Lab work, in its process
+            return self.job(self.queue.submit(kind, record.id, runner_spec(kind, record, data)))
         lab_record(record)  # 400 now, not a failed job later, for a backend without torch weights
         extra = self.teaching.prepare(kind, record.id, data) if kind in TRAIN_KINDS else {}
         decoded = self._spec(kind, data)

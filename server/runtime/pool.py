@@ -199,10 +199,21 @@ class ModelPool:
     def checkout_blocking(self, record: ModelRecord, *, purpose: str = LAB,
                           progress: ProgressFn | None = None) -> Lease:
         """checkout() from a thread other than the event loop's (a Lab job's): blocks until it has the copy."""
+        return self._on_loop(self.checkout(record, purpose=purpose, progress=progress))
+
+    def acquire_blocking(self, name: str) -> Lease:
+        """acquire() from a thread other than the event loop's (a Lab job's)."""
+        return self._on_loop(self.acquire(name))
+
+    def call_blocking(self, lease: Lease, fn) -> object:
+        """lease.call(fn) from a thread other than the event loop's."""
+        return self._on_loop(lease.call(fn))
+
+    def _on_loop(self, coroutine):
         if self._loop is None:
+            coroutine.close()
             raise RuntimeError("the model pool is not bound to an event loop yet")
-        return asyncio.run_coroutine_threadsafe(self.checkout(record, purpose=purpose, progress=progress),
-                                                self._loop).result()
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def discard(self, lease: Lease) -> None:
         """Give a copy back and unload it (it turned out unusable for its holder)."""

@@ -235,3 +235,39 @@ def test_the_registry_scans_the_victor_folder(tmp_path):
     hidden = Registry(tmp_path, victor_dir=None)
     hidden.scan()
     assert "victor" not in {r.id for r in hidden.records()}
+
+
+def _lab_job(live, route: str, body: dict) -> dict:
+    job = httpx.post(live.base_url + route, json=body, timeout=60)
+    assert job.status_code == 202, job.text
+    deadline = time.monotonic() + 120
+    while (state := httpx.get(f"{live.base_url}/lab/jobs/{job.json()['id']}", timeout=60).json())["status"] in (
+            "queued", "running"):
+        assert time.monotonic() < deadline, state
+        time.sleep(0.1)
+    return state
+
+
+def test_the_lab_calls_the_runners_own_functions_in_its_process(live, sdk):
+    """The Victor contract's Lab functions run in the runner's process; what a runner lacks is a 400."""
+    trace = _lab_job(live, "/lab/trace", {"model": "my-victor", "prompt": "Alice was"})
+    assert trace["status"] == "succeeded", trace
+    assert [row["byte"] for row in trace["result"]["result"]] == list("lice was")
+    assert all(0.0 <= row["p"] <= 1.0 for row in trace["result"]["result"])
+    causal = _lab_job(live, "/lab/causal_test", {"model": "my-victor", "prompt": "Alice was", "answer": " a"})
+    assert causal["status"] == "succeeded" and [e["layer"] for e in causal["result"]["layers"]] == [0, 1]
+    diagnostics = _lab_job(live, "/lab/diagnostics/run", {"model": "my-victor"})
+    assert diagnostics["result"]["parameters"] > 10_000
+    taught = _lab_job(live, "/lab/train/target", {"model": "my-victor", "prompt": "The sky is", "target": " green",
+                                                  "steps": 15})
+    assert taught["status"] == "succeeded", taught
+    before, after = taught["result"]["target_logprob_before"][0], taught["result"]["target_logprob_after"][0]
+    assert after > before + 1.0  # taught in place, in the runner's process
+    text = sdk.completions.create(model="my-victor", prompt="The sky is", max_tokens=6, temperature=0)
+    assert text.choices[0].text.startswith(" green")
+    for route, missing in (("/lab/trace", "trace"), ("/lab/causal_test", "causal_test")):
+        refused = httpx.post(live.base_url + route, json={"model": "broken", "prompt": "x"}, timeout=60)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "model", refused.text
+        assert f"`{missing}`" in refused.json()["error"]["message"]
+    snapshot = httpx.post(live.base_url + "/lab/snapshot", json={"model": "my-victor"}, timeout=60)
+    assert snapshot.status_code == 400 and "custom runner" in snapshot.json()["error"]["message"]
