@@ -8,7 +8,8 @@ import struct
 from pathlib import Path
 from typing import Any, NamedTuple
 
-__all__ = ["GGUFHeader", "read_gguf_header", "read_gguf_metadata", "gguf_footprint", "read_string", "read_value"]
+__all__ = ["GGUFHeader", "parse_gguf_header", "read_gguf_header", "read_gguf_metadata", "gguf_footprint", "read_string",
+           "read_value"]
 
 log = logging.getLogger("omniloader.gguf")
 
@@ -20,24 +21,30 @@ class GGUFHeader(NamedTuple):
     version: int
     tensor_count: int
     metadata: dict[str, Any]
+    end: int = 0  # where the tensor infos start
+
+
+def parse_gguf_header(data, path: Path | str = "", *, max_array: int = 16) -> GGUFHeader:
+    """The header of a GGUF held in `data` (an mmap or bytes): every metadata key, scalars and strings as
+    values, arrays as lists when they have at most `max_array` items, else as their length."""
+    if data[:4] != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file")
+    version, = struct.unpack_from("<I", data, 4)
+    if version < 2:
+        raise ValueError(f"{path}: GGUF version {version} is too old")
+    tensors, count = struct.unpack_from("<QQ", data, 8)
+    pos, meta = 24, {}
+    for _ in range(count):
+        key, pos = read_string(data, pos)
+        kind, = struct.unpack_from("<I", data, pos)
+        meta[key], pos = read_value(data, pos + 4, kind, max_array)
+    return GGUFHeader(version, tensors, meta, pos)
 
 
 def read_gguf_header(path: Path, *, max_array: int = 16) -> GGUFHeader:
-    """Every metadata key: scalars and strings as values; arrays as lists when they have at most
-    `max_array` items, else as their length (a 49k-token vocabulary becomes an int)."""
+    """The header of the GGUF file at `path` (a 49k-token vocabulary becomes an int: see parse_gguf_header)."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        if data[:4] != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file")
-        version, = struct.unpack_from("<I", data, 4)
-        if version < 2:
-            raise ValueError(f"{path}: GGUF version {version} is too old")
-        tensors, count = struct.unpack_from("<QQ", data, 8)
-        pos, meta = 24, {}
-        for _ in range(count):
-            key, pos = read_string(data, pos)
-            kind, = struct.unpack_from("<I", data, pos)
-            meta[key], pos = read_value(data, pos + 4, kind, max_array)
-        return GGUFHeader(version, tensors, meta)
+        return parse_gguf_header(data, path, max_array=max_array)
 
 
 def read_gguf_metadata(path: Path, *, max_array: int = 16) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from adapters.global_state import PATCH_LOCK
-from adapters.gguf import read_string, read_value
+from adapters.gguf import parse_gguf_header, read_string
 
 __all__ = ["DEFAULT_CONTEXT", "GENERATIVE_HEADS", "fast_gguf_reads", "gguf_shape", "has_chat_template", "is_causal",
            "kv_cache_bytes", "read_json", "safetensors_params"]
@@ -80,14 +80,7 @@ def safetensors_params(folder: Path) -> tuple[int, int]:
 def gguf_shape(path: Path) -> tuple[int, int, dict[str, Any]]:
     """(parameter count, 4, a config-like dict) for a GGUF, reading its header and tensor infos."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        if data[:4] != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file")
-        n_tensors, n_kv = struct.unpack_from("<QQ", data, 8)
-        pos, meta = 24, {}
-        for _ in range(n_kv):
-            key, pos = read_string(data, pos)
-            kind, = struct.unpack_from("<I", data, pos)
-            meta[key], pos = read_value(data, pos + 4, kind, 16)
+        _version, n_tensors, meta, pos = parse_gguf_header(data, path)
         n_params = 0
         for _ in range(n_tensors):
             _name, pos = read_string(data, pos)
