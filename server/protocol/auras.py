@@ -17,7 +17,7 @@ class Component(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     id: str  # c1, c2, ... unique in its aura
     kind: Literal["prompt_delta", "token_bias", "lora", "steering"]
-    weight: float = 1.0
+    weight: float  # always written (1.0 unless the engine or the request chose another)
     text: str | None = None  # prompt_delta
     bias: dict[str, float] | None = None  # token_bias: {"token id": logit bias}
     file: str | None = None  # lora, steering: the file beside aura.json

@@ -66,7 +66,7 @@ def new_component(data: dict[str, Any], component_id: str, where: str = "compone
     unknown = sorted(set(data) - _FIELDS)
     if unknown:
         log.warning("%s: ignoring unknown fields %s", where, unknown)
-    fields = {k: v for k, v in data.items() if k in _FIELDS}
+    fields = {"weight": 1.0, **{k: v for k, v in data.items() if k in _FIELDS}}
     if fields.get("kind") not in KINDS:
         raise ValueError(f"`{where}.kind` must be one of {', '.join(KINDS)}, not {fields.get('kind')!r}.")
     try:
