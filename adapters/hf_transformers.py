@@ -170,7 +170,7 @@ class HFTransformersAdapter(Adapter):
         self._pieces = token_bytes_table(self._tokenizer, n_vocab)
         self._n_ctx = self.manifest.context_length or getattr(config, "max_position_embeddings", None) or DEFAULT_CONTEXT
         cache = self.manifest.params.get("aura_cache") or getattr(self.settings, "aura_cache", None) or 8
-        self._overlays = TorchOverlays(self._model, self.id, cache)
+        self._overlays = TorchOverlays(lambda: self._model, self.id, cache)
         eos = {self._tokenizer.eos_token_id, *_as_list(getattr(config, "eos_token_id", None))}
         generation = getattr(self._model, "generation_config", None)
         eos.update(_as_list(getattr(generation, "eos_token_id", None)))

@@ -6,6 +6,7 @@ kept in a small LRU cache (by sha256) on the model's device and dtype."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import contextmanager
 
 from adapters.errors import HINT_MODEL, InvalidInput
@@ -24,8 +25,8 @@ def decoder_layers(model):
 
 
 class TorchOverlays:
-    def __init__(self, model, model_id: str, capacity: int = 8) -> None:
-        self._model = model
+    def __init__(self, model: Callable[[], object], model_id: str, capacity: int = 8) -> None:
+        self._get_model = model  # the adapter's current module (peft may swap it)
         self._id = model_id
         self.capacity = max(1, int(capacity))
         self._tensors: OrderedDict[str, object] = OrderedDict()  # sha256 -> LoRA pairs or a steering vector
@@ -37,7 +38,8 @@ class TorchOverlays:
             return
         handles = []
         try:
-            layers = decoder_layers(self._model)
+            model = self._get_model()
+            layers = decoder_layers(model)
             for lw in overlay.loras:
                 for (layer, module), (a, b) in self._lora(lw.path, lw.sha256).items():
                     if layer >= len(layers):
@@ -53,7 +55,7 @@ class TorchOverlays:
                     raise InvalidInput(f"Model `{self._id}`: the aura's steering vector is for layer {v.layer}; the "
                                        f"model has {len(layers)}.", hint=HINT_MODEL)
                 vector = self._vector(v.path, v.sha256)
-                hidden = getattr(self._model.config, "hidden_size", vector.numel())
+                hidden = getattr(model.config, "hidden_size", vector.numel())
                 if vector.numel() != hidden:
                     raise InvalidInput(f"Model `{self._id}`: the steering vector {v.path} has {vector.numel()} values; "
                                        f"this model's residual stream has {hidden}.", hint=HINT_MODEL)
@@ -67,7 +69,7 @@ class TorchOverlays:
         return len(self._tensors)
 
     def _param(self):
-        return next(self._model.parameters())
+        return next(self._get_model().parameters())
 
     def _remember(self, sha256: str, value) -> None:
         self._tensors[sha256] = value
