@@ -46,6 +46,7 @@ from adapters.logprobs import token_logprob
 from adapters.sampling import Sampler
 from adapters.text import DeltaEmitter
 from adapters.tokens import check_token_ids
+from adapters.torch_overlay import TorchOverlays
 
 __all__ = ["HFTransformersAdapter", "TorchHandle"]
 
@@ -99,6 +100,7 @@ class HFTransformersAdapter(Adapter):
         self._loras: set[str] = set()
         self._active_lora: str | None = None
         self._constraints = None
+        self._overlays: TorchOverlays | None = None  # an aura's LoRA / steering hooks, per generation
         self._pieces: list[bytes] = []
         self._eos: list[int] = []
         self._causal = True
@@ -167,6 +169,8 @@ class HFTransformersAdapter(Adapter):
         n_vocab = self._model.get_input_embeddings().num_embeddings
         self._pieces = token_bytes_table(self._tokenizer, n_vocab)
         self._n_ctx = self.manifest.context_length or getattr(config, "max_position_embeddings", None) or DEFAULT_CONTEXT
+        cache = self.manifest.params.get("aura_cache") or getattr(self.settings, "aura_cache", None) or 8
+        self._overlays = TorchOverlays(lambda: self._model, self.id, cache)
         eos = {self._tokenizer.eos_token_id, *_as_list(getattr(config, "eos_token_id", None))}
         generation = getattr(self._model, "generation_config", None)
         eos.update(_as_list(getattr(generation, "eos_token_id", None)))
@@ -175,7 +179,7 @@ class HFTransformersAdapter(Adapter):
                                                      self._tokenizer.is_fast))
 
     def unload(self) -> None:
-        self._model = self._peft = self._tokenizer = self._constraints = None
+        self._model = self._peft = self._tokenizer = self._constraints = self._overlays = None
         self._pieces, self._loras, self._active_lora = [], set(), None
         self.capabilities = frozenset()
         import gc
@@ -257,7 +261,7 @@ class HFTransformersAdapter(Adapter):
         constraint = self._constraint(params.json_schema)
         want_logprobs = params.logprobs or params.top_logprobs > 0
         emit, finish = DeltaEmitter(params.stop), "length"
-        with torch.inference_mode():
+        with torch.inference_mode(), self._overlays.applied(params.overlay):  # hooks off again however it ends
             logits, cache = self._step(prompt, None)
             while max_new > 0 and not cancel.is_set():
                 token = sampler(logits.numpy(), constraint.allowed() if constraint else None)

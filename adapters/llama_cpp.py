@@ -28,6 +28,7 @@ from adapters.errors import (
     Unsupported,
 )
 from adapters.llama_grammar import json_schema_grammar, lazy_grammar_llama
+from adapters.llama_overlay import DEFAULT_CACHE, LlamaOverlays
 from adapters.logprobs import token_logprob
 from adapters.text import DeltaEmitter
 from adapters.tokens import check_token_ids
@@ -100,6 +101,8 @@ class LlamaCppAdapter(Adapter):
         self._eog_ids: list[int] | None = None
         self._pieces: dict[int, bytes] = {}
         self._grammars: dict[str, object] = {}
+        self._overlays: LlamaOverlays | None = None  # LoRA adapters / control vector per request
+        self._kv_overlay: str | None = None  # the overlay key the prompt KV cache was computed with
 
     def load(self, progress: Callable[[float], None] | None = None) -> None:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -132,9 +135,14 @@ class LlamaCppAdapter(Adapter):
                 eos_token=model.token_get_text(eos) if eos != -1 else "",
                 bos_token=model.token_get_text(bos) if bos != -1 else "",
             )
+        cache = self.manifest.params.get("aura_cache") or getattr(self.settings, "aura_cache", None) or DEFAULT_CACHE
+        self._overlays = LlamaOverlays(self._llm, self.id, cache)
         self.report_capabilities(self.supported)
 
     def unload(self) -> None:
+        if self._overlays is not None:
+            self._overlays.close()  # adapters are freed before the model they belong to
+            self._overlays = None
         for llm in (self._llm, self._embedder):
             if llm is not None:
                 llm.close()
@@ -203,6 +211,7 @@ class LlamaCppAdapter(Adapter):
         max_new = self.generation_budget(len(prompt), params.max_tokens)
         grammar = self._grammar(params.json_schema) if params.json_schema is not None else None
         llm = self._llm
+        self._use_overlay(params.overlay)
         self._prefill_all_but_last(prompt)
         llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
         tokens = llm.generate(
@@ -236,6 +245,19 @@ class LlamaCppAdapter(Adapter):
             tokens.close()
         yield emit.finish(finish, len(prompt))
 
+    def _use_overlay(self, overlay) -> None:
+        """Set the request's LoRA adapters and control vector (none: the base model) on the context.
+        The prompt KV cache is kept only for the overlay it was computed with (keys compare content)."""
+        key = overlay.key if overlay is not None and not overlay.empty else None
+        self._overlays.apply(overlay)
+        if key != self._kv_overlay:
+            self._llm.n_tokens = 0  # nothing cached is reused: the next eval recomputes the whole prompt
+            self._kv_overlay = key
+
+    def overlay_cache_size(self) -> int:
+        """Loaded LoRA adapters (at most the `aura_cache` setting, plus those one request stacks)."""
+        return self._overlays.cached() if self._overlays is not None else 0
+
     def _prefill_all_but_last(self, prompt: list[int]) -> None:
         """Evaluate all of the prompt but its last token, reusing the longest prefix already in the KV
         cache; llama-cpp-python's generate() then decodes the last token alone. A token's logits depend
@@ -267,6 +289,7 @@ class LlamaCppAdapter(Adapter):
         llm = self._llm
         tokens = self.prompt_tokens(GenerateParams(prompt=prompt))
         self.generation_budget(len(tokens), 0)
+        self._use_overlay(None)  # the base model scores (a request's overlay never lingers here)
         llm.reset()  # the KV cache is rebuilt here; the next generate() evaluates from scratch
         llm._ctx.kv_cache_clear()
         first = self._piece(tokens[0]) if tokens else b""

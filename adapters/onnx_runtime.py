@@ -31,6 +31,7 @@ from adapters.errors import (
 )
 from adapters.hf_files import has_chat_template, read_json
 from adapters.logprobs import token_logprob
+from adapters.overlay import refuse_overlay
 from adapters.text import DeltaEmitter
 from adapters.tokens import byte_level_bytes, check_token_ids
 from adapters.machine import physical_cores
@@ -338,6 +339,7 @@ class OnnxRuntimeAdapter(Adapter):
 
     # --- generation ------------------------------------------------------------------------
     def generate(self, params: GenerateParams, cancel: threading.Event) -> Iterator[Delta]:
+        refuse_overlay(params.overlay, self.id, self.backend)
         if params.json_schema is not None:
             raise Unsupported(f"Model `{self.id}` (backend onnx_runtime) does not support `json_schema`.",
                                          hint=HINT_SCHEMA)

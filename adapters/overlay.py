@@ -28,7 +28,7 @@ from pathlib import Path
 import msgspec
 
 __all__ = ["LORA_MODULES", "LoraWeights", "SteeringVector", "EngineOverlay", "read_lora", "lora_tensor_name",
-           "file_sha256"]
+           "file_sha256", "refuse_overlay"]
 
 # Hugging Face llama-family Linear modules a LoRA may target (relative to model.model.layers[i]).
 LORA_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -101,3 +101,14 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def refuse_overlay(overlay: EngineOverlay | None, model_id: str, backend: str) -> None:
+    """For backends that cannot change the model inside (onnx_runtime, remote and custom runners):
+    a 400 naming the model when a request carries LoRA or steering components."""
+    if overlay is not None and not overlay.empty:
+        from adapters.errors import HINT_MODEL, Unsupported
+
+        raise Unsupported(f"Model `{model_id}` (backend {backend}) cannot apply the LoRA or steering components of "
+                          f"`{overlay.name}`; only prompt_delta and token_bias components work on this backend.",
+                          hint=HINT_MODEL)

@@ -16,6 +16,7 @@ from typing import Any
 
 from adapters.base import Adapter, Capability, Delta, GenerateParams, Usage
 from adapters.errors import HINT_MODEL, HINT_SUFFIX, BackendTimedOut, LoadFailed, RunnerFailed, Unsupported
+from adapters.overlay import refuse_overlay
 from adapters.process_worker import LAB_FUNCTIONS, RunnerFailure, RunnerProcess
 from adapters.text import StopBuffer
 from adapters.machine import parse_size
@@ -79,6 +80,7 @@ class VictorCustomAdapter(Adapter):
 
     # --- generation ------------------------------------------------------------------------
     def generate(self, params: GenerateParams, cancel: threading.Event) -> Iterator[Delta]:
+        refuse_overlay(params.overlay, self.id, self.backend)
         if params.suffix is not None:
             raise Unsupported(f"Model `{self.id}` (backend victor_custom) does not support `suffix`.",
                                          hint=HINT_SUFFIX)

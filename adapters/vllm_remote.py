@@ -35,6 +35,7 @@ from adapters.base import (
     Usage,
 )
 from adapters.errors import BackendTimedOut, BackendUnreachable, EngineError, LoadFailed, RemoteRejected
+from adapters.overlay import refuse_overlay
 
 __all__ = ["VllmRemoteAdapter", "RemoteStatus", "remote_status", "remote_config"]
 
@@ -164,6 +165,7 @@ class VllmRemoteAdapter(Adapter):
 
     # --- generation ------------------------------------------------------------------------
     def generate(self, params: GenerateParams, cancel: threading.Event) -> Iterator[Delta]:
+        refuse_overlay(params.overlay, self.id, self.backend)
         chat = params.messages is not None
         body = self.chat_body(params) if chat else self.completion_body(params)
         path = "/chat/completions" if chat else "/completions"

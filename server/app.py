@@ -12,11 +12,13 @@ from litestar.di import Provide
 from adapters import create_adapter
 from server.controllers.models import ModelsController
 from server.controllers.openai import OpenAIController
+from server.controllers.auras import AurasController
 from server.controllers.lab import LabController
 from server.controllers.ops import ops_handlers
 from server.controllers.responses import ResponsesController
 from server.errors import exception_handlers
 from server.keep_alive import parse_keep_alive
+from server.lab.auras import AuraResolver
 from server.lab.service import Lab
 from adapters.machine import parse_size
 from server.metrics import Metrics
@@ -47,6 +49,7 @@ def create_app(settings: Settings | None = None, *, adapter_factory: AdapterFact
               budget_available=pool.room_for)  # room for a job's working set
     recent = RecentCompletions()  # chat completions a correction may name (POST /lab/queue completion_id)
     lab.teaching.recent = recent
+    pool.overlays = AuraResolver(lab.auras)  # `model: "base+aura"`
     background: set[asyncio.Task] = set()
 
     def on_startup() -> None:
@@ -68,7 +71,8 @@ def create_app(settings: Settings | None = None, *, adapter_factory: AdapterFact
         await pool.close()
 
     return Litestar(
-        route_handlers=[OpenAIController, ResponsesController, ModelsController, LabController, *ops_handlers],
+        route_handlers=[OpenAIController, ResponsesController, ModelsController, LabController, AurasController,
+                        *ops_handlers],
         dependencies={"pool": Provide(lambda: pool, use_cache=True, sync_to_thread=False),
                       "lab": Provide(lambda: lab, use_cache=True, sync_to_thread=False),
                       "recent": Provide(lambda: recent, use_cache=True, sync_to_thread=False)},

@@ -28,6 +28,7 @@ class Settings(msgspec.Struct, kw_only=True):
     lab_jobs_per_model: int = 1  # Lab jobs running at once on one model (each on its own torch copy)
     lab_max_running: int = 2  # Lab jobs running at once over all models
     lab_max_copies: int = 1  # torch copies of models the Lab keeps loaded between jobs
+    aura_cache: int = 8  # aura LoRA adapters kept loaded per model instance (a manifest's params.aura_cache wins)
 
 
 def load_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:

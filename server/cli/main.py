@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from server.cli.auras import add_auras_parser
 from server.cli.lab import add_lab_parser
 from server.cli.models import add_models_parser
 from server.cli.serve import add_serve_parser
@@ -16,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(commands)
     add_models_parser(commands)
     add_lab_parser(commands)
+    add_auras_parser(commands)
     return parser
 
 

@@ -24,6 +24,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--lab-jobs-per-model", type=int, help="Lab jobs running at once on one model (default 1)")
     serve.add_argument("--lab-max-running", type=int, help="Lab jobs running at once overall (default 2)")
     serve.add_argument("--lab-max-copies", type=int, help="torch copies the Lab keeps loaded between jobs (default 1)")
+    serve.add_argument("--aura-cache", type=int, help="aura LoRA adapters kept loaded per model (default 8)")
     serve.set_defaults(run=_serve)
 
 
@@ -38,7 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
         "threads": args.threads, "api_key": args.api_key, "default_model": args.default_model,
         "log_level": args.log_level, "max_memory": args.max_memory, "max_loaded": args.max_loaded,
         "max_queue": args.max_queue, "keep_alive": args.keep_alive, "lab_jobs_per_model": args.lab_jobs_per_model,
-        "lab_max_running": args.lab_max_running, "lab_max_copies": args.lab_max_copies,
+        "lab_max_running": args.lab_max_running, "lab_max_copies": args.lab_max_copies, "aura_cache": args.aura_cache,
     })
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)

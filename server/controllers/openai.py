@@ -1,6 +1,8 @@
 """/v1: the OpenAI API surface. Each generating route is one call to the generation lifecycle."""
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
@@ -55,7 +57,9 @@ class OpenAIController(Controller):
     @get("/models")
     async def list_models(self, pool: NamedDependency[ModelPool]) -> OpenAIModelList:
         registry = pool.registry
-        return OpenAIModelList(data=[OpenAIModel(id=r.id, created=registry.scanned_at) for r in registry.usable()])
+        models = [OpenAIModel(id=r.id, created=registry.scanned_at) for r in registry.usable()]
+        overlays = await asyncio.to_thread(pool.overlay_models)  # `base+aura` for each stored aura
+        return OpenAIModelList(data=models + [OpenAIModel(id=name, created=int(created)) for name, created in overlays])
 
     @post("/chat/completions", status_code=200)
     async def chat_completions(self, request: Request, pool: NamedDependency[ModelPool],

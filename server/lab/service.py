@@ -12,6 +12,7 @@ from lab_engines import ENGINES
 from lab_engines.working_memory import ModelDims, responsible_field, working_memory
 from server.errors import InvalidRequestError, JobNotFound, LabUnavailable, decode_body
 from server.lab.artifacts import ARTIFACTS_URL, is_job_id, job_dir, job_file
+from server.lab.auras import AuraStore
 from server.lab.job_queue import JobQueue
 from server.lab.job_store import JobRow, JobStore
 from server.lab.corrections import CorrectionStore
@@ -25,6 +26,7 @@ from server.runtime import ModelPool
 __all__ = ["Lab"]
 
 log = logging.getLogger("omniloader.lab")
+AURAS_DIR = "auras"
 SNAPSHOT_MANIFEST = "snapshot.json"  # = lab_engines.snapshots.MANIFEST (that module imports torch)
 
 
@@ -38,6 +40,7 @@ class Lab:
         self._adapter_factory = pool.adapter_factory  # reads a model's shape without loading it
         self._budget_available = budget_available
         self.store = JobStore(self.lab_dir / "jobs.sqlite3")
+        self.auras = AuraStore(self.lab_dir / AURAS_DIR)  # what jobs teach, served as `model: "base+aura"`
         self.models = LabModels(registry, pool)
         self.queue = JobQueue(self.store, self.models, self.lab_dir, jobs_per_model=jobs_per_model,
                               max_running=max_running)

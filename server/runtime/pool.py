@@ -32,7 +32,9 @@ __all__ = ["PoolConfig", "ModelPool", "AdapterFactory", "OverlayResolver"]
 log = logging.getLogger("omniloader.pool")
 
 AdapterFactory = Callable[[ModelRecord], Adapter]
-OverlayResolver = Callable[[ModelRecord, str], Overlay]  # (base record, overlay name) -> Overlay
+# (base record, overlay name) -> Overlay; called on a thread (it may read files). A resolver may also have
+# listing() -> [(base model id, overlay name, created)]: /v1/models lists those as `base+name`.
+OverlayResolver = Callable[[ModelRecord, str], Overlay]
 OVERLAY_SEPARATOR = "+"  # `model: "base+aura"`
 
 
@@ -112,7 +114,7 @@ class ModelPool:
         """A lease on the model `name` (id, alias, role, `default`, or `base+overlay`): loads it if
         needed, then waits in FIFO order for a free slot. `disconnected` resolves when the client leaves."""
         self._loop = asyncio.get_running_loop()
-        record, overlay = self._resolve(name)
+        record, overlay = await self._resolve(name)
         requested_keep_alive = parse_keep_alive(keep_alive)
         instance = self._serving.get(record.id) or await self.load(record.id)
         if instance.free.empty() and instance.waiting >= self.config.max_queue:
@@ -131,14 +133,23 @@ class ModelPool:
         self.registry.record_use(record.id)
         return Lease(self, instance, worker, overlay, loop=self._loop)
 
-    def _resolve(self, name: str) -> tuple[ModelRecord, Overlay | None]:
+    async def _resolve(self, name: str) -> tuple[ModelRecord, Overlay | None]:
         base, sep, overlay_name = name.partition(OVERLAY_SEPARATOR)
         if not sep:
             return self.registry.resolve(name), None
         record = self.registry.resolve(base)
         if self.overlays is None or not overlay_name:
             raise ModelNotFound(name)
-        return record, self.overlays(record, overlay_name)
+        return record, await asyncio.to_thread(self.overlays, record, overlay_name)
+
+    def overlay_models(self) -> list[tuple[str, float]]:
+        """(`base+overlay`, created) for every overlay the resolver lists whose base is a usable model
+        (reads files: call it off the event loop)."""
+        listing = getattr(self.overlays, "listing", None)
+        if listing is None:
+            return []
+        usable = {r.id for r in self.registry.usable()}
+        return [(f"{base}{OVERLAY_SEPARATOR}{name}", created) for base, name, created in listing() if base in usable]
 
     async def _take_slot(self, instance: Instance, disconnected) -> ModelWorker:
         if disconnected is None or not instance.free.empty():
