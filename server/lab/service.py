@@ -44,7 +44,8 @@ class Lab:
         self.models = LabModels(registry, pool)
         self.queue = JobQueue(self.store, self.models, self.lab_dir, jobs_per_model=jobs_per_model,
                               max_running=max_running)
-        self.teaching = Teaching(registry, CorrectionStore(self.lab_dir / "corrections.sqlite3"))
+        self.teaching = Teaching(registry, CorrectionStore(self.lab_dir / "corrections.sqlite3"), self.auras,
+                                 self.lab_dir)
         self.queue.on_success = self.teaching.finished
 
     # --- submission -----------------------------------------------------------------------

@@ -4,11 +4,14 @@ run, the aura a run writes into, and marking the corrections a run used."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from server.errors import InvalidRequestError, JobNotFound, decode_body
 from server.lab.corrections import CorrectionStore
+from server.lab.auras import AuraStore
 from server.lab.lab_models import lab_record
+from server.lab.runner_jobs import RUNNER_KEY
 from server.protocol.corrections import Correction, CorrectionRequest
 from server.registry import Registry
 from server.serving.recent import RecentCompletions
@@ -33,9 +36,11 @@ def _check_messages(messages: list[dict[str, Any]], param: str) -> None:
 
 
 class Teaching:
-    def __init__(self, registry: Registry, corrections: CorrectionStore) -> None:
+    def __init__(self, registry: Registry, corrections: CorrectionStore, auras: AuraStore, lab_dir: Path) -> None:
         self.registry = registry
         self.corrections = corrections
+        self.auras = auras
+        self.lab_dir = Path(lab_dir)
         self.recent: RecentCompletions | None = None  # chat completions a correction may name (set by the app)
 
     # --- the queue --------------------------------------------------------------------------
@@ -96,7 +101,16 @@ class Teaching:
         return extra
 
     def finished(self, row: JobRow, result: dict[str, Any]) -> dict[str, Any]:
-        """After a training job succeeded: mark the corrections it used (unless it was reverted)."""
-        if row.kind == "train_live" and not result.get("reverted"):
+        """After a training job succeeded and was not reverted: write its components into its aura (the one
+        named, or a new `<method>-<job>`), mark the corrections it used, and say how to serve it."""
+        if row.kind not in TRAIN_KINDS or RUNNER_KEY in row.spec or result.get("reverted"):
+            return {}
+        components = result.get("components") or []
+        name = row.spec.get("aura") or f"{result.get('method', 'taught')}-{row.id.removeprefix('job_')[:8]}"
+        record = self.registry.get(row.model)
+        aura = self.auras.write(name, record, components, source_dir=self.lab_dir / row.kind / row.id,
+                                provenance={"job": row.id, "method": result.get("method"),
+                                            "report": result.get("report", {})})
+        if row.kind == "train_live":
             self.corrections.mark_applied(row.spec.get("correction_ids", []), row.id)
-        return {}
+        return {"aura": aura.name, "serve_as": f"{record.id}+{aura.name}"}
