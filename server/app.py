@@ -16,6 +16,7 @@ from server.controllers.auras import AurasController
 from server.controllers.lab import LabController
 from server.controllers.ops import ops_handlers
 from server.controllers.responses import ResponsesController
+from server.controllers.skillpacks import SkillpacksController
 from server.errors import exception_handlers
 from server.keep_alive import parse_keep_alive
 from server.lab.auras import AuraResolver
@@ -72,6 +73,7 @@ def create_app(settings: Settings | None = None, *, adapter_factory: AdapterFact
 
     return Litestar(
         route_handlers=[OpenAIController, ResponsesController, ModelsController, LabController, AurasController,
+                        SkillpacksController,
                         *ops_handlers],
         dependencies={"pool": Provide(lambda: pool, use_cache=True, sync_to_thread=False),
                       "lab": Provide(lambda: lab, use_cache=True, sync_to_thread=False),

@@ -7,6 +7,7 @@ from server.cli.auras import add_auras_parser
 from server.cli.lab import add_lab_parser
 from server.cli.models import add_models_parser
 from server.cli.serve import add_serve_parser
+from server.cli.skillpacks import add_skillpacks_parser
 
 __all__ = ["build_parser", "main"]
 
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_models_parser(commands)
     add_lab_parser(commands)
     add_auras_parser(commands)
+    add_skillpacks_parser(commands)
     return parser
 
 
