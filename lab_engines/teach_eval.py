@@ -13,7 +13,8 @@
 
 "Greedy gives exactly these tokens" is measured teacher-forced (the argmax of logits + bias at each answer
 position is the answer's token), which is the same as greedy decoding producing them. A change is harmful
-when more than `regression_threshold` of the regression items the model got right before the run break;
+when more than `regression_threshold` of the regression items the model got right before the run break, or
+of the given neighbours (prompts whose answers must not change) it answered before change their answer;
 regression items whose prompt is one being corrected (or a paraphrase) are left out. A Variant is what a
 method changes: a prompt delta (rendered into every evaluated prompt), a logit bias (added to every
 evaluated distribution) and hooks or edited weights (active inside `variant.active()`)."""
@@ -262,14 +263,25 @@ class Suite:
     def broken(self, after: Measure) -> list[int]:
         return [i for i, (was, now) in enumerate(zip(self.right_before, after.regression)) if was and not now.exact]
 
+    def changed_neighbors(self, after: Measure) -> list[int]:
+        pairs = zip(self.base.neighbors, after.neighbors)
+        return [i for i, (b, a) in enumerate(pairs) if b[0].exact and not a[0].exact]
+
     def harm(self, after: Measure) -> str | None:
-        """Why the run must be reverted, or None."""
+        """Why the run must be reverted, or None: more than `threshold` of the regression items the model got
+        right broke, or of the neighbours (prompts whose answers must not change) that it answered changed."""
         right = sum(self.right_before)
         broken = self.broken(after)
         if right and len(broken) / right > self.threshold:
             names = ", ".join(repr(self.regression[i].prompt.text + self.regression[i].text) for i in broken[:5])
             return (f"the regression set degraded: {len(broken)} of the {right} items the model got right broke "
                     f"({len(broken) / right:.0%} > regression_threshold {self.threshold:.0%}), e.g. {names}")
+        kept = sum(b[0].exact for b in self.base.neighbors)
+        changed = self.changed_neighbors(after)
+        if kept and len(changed) / kept > self.threshold:
+            names = ", ".join(repr(self.neighbors[i].prompt.question + self.neighbors[i].text) for i in changed[:5])
+            return (f"neighbours changed their answer: {len(changed)} of {kept} ({len(changed) / kept:.0%} > "
+                    f"regression_threshold {self.threshold:.0%}), e.g. {names}")
         return None
 
     # --- the report ---------------------------------------------------------------------------------------

@@ -93,7 +93,8 @@ class TeachKnobs(msgspec.Struct, kw_only=True):
     regression_set: Literal["shipped", "none"] = "shipped"  # lab_engines/probes/regression.jsonl
     regression_extra: Annotated[list[Neighbor], msgspec.Meta(max_length=MAX_ITEMS)] = msgspec.field(
         default_factory=list)
-    # revert when more than this fraction of the regression items the model got right before the run break
+    # revert when more than this fraction of the regression items the model got right before the run break, or of
+    # the neighbours it answered change their answer (auto: try the next method)
     regression_threshold: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.1
     base_sha256: Sha256 = ""  # filled in by the server: the base model's files (written into component metadata)
 
