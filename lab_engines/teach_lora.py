@@ -257,7 +257,7 @@ def run_dpo(job: Job) -> Attempt:
             loss = -torch.nn.functional.logsigmoid(z).sum() / n
             if backward:
                 loss.backward()
-            loss_total += float(loss)
+            loss_total += loss.detach().item()
             logits.append(z.detach())
             chosen.append((policy[:k] - ref[g][:k]).detach())
             rejected.append((policy[k:] - ref[g][k:]).detach())
