@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from lab_engines.model_access import ModelView
 from lab_engines.teach_eval import Case, Variant
 from lab_engines.teach_guard import Guard
 
-__all__ = ["Attempt", "Job", "Skip", "Span", "write_safetensors"]
+__all__ = ["Attempt", "Job", "Skip", "Span", "frozen", "write_safetensors"]
 
 
 class Skip(Exception):
@@ -59,6 +60,20 @@ class Attempt:
     write: Callable[[Path, str], list[dict]] = lambda folder, prefix: []
     seconds: float = 0.0
     started: float = field(default_factory=time.perf_counter)
+
+
+@contextmanager
+def frozen(view: ModelView):
+    """The base weights out of autograd while a method trains its own tensors (else every backward pass would
+    fill a gradient as large as the model); their requires_grad is put back after."""
+    flags = [(p, p.requires_grad) for p in view.model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> None:

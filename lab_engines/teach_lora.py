@@ -29,7 +29,7 @@ from contextlib import contextmanager
 import torch
 
 from lab_engines.model_access import ModelView
-from lab_engines.teach_common import Attempt, Job, Skip, write_safetensors
+from lab_engines.teach_common import Attempt, Job, Skip, frozen, write_safetensors
 from lab_engines.teach_eval import Variant, answer_logits
 from lab_engines.teach_rome import KEY_PREFIXES
 
@@ -151,18 +151,6 @@ def sequence_logprobs(view: ModelView, rows: list[tuple[list[int], list[int]]], 
     return torch.stack(sums), torch.stack(means)
 
 
-@contextmanager
-def _frozen(view: ModelView):
-    flags = [(p, p.requires_grad) for p in view.model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
 def _train(job: Job, lora: Lora, name: str, step_fn, early_stop: bool = False) -> dict:
     """The shared loop: step_fn() accumulates the gradients of one step (micro-batch by micro-batch) and
     returns (loss, extra); then clip, Adam step, cap. With early_stop, training ends before a step once every
@@ -225,7 +213,7 @@ def run_lora(job: Job) -> Attempt:
             learned &= all(e for e, main in zip(exact, mains[start:start + MICRO_BATCH]) if main)
         return total, {"learned": learned}
 
-    with _frozen(view), lora.hooks():
+    with frozen(view), lora.hooks():
         report = _train(job, lora, "lora", step_fn, early_stop=True)
     report.pop("extras")
     report.update({"rank": lora.rank, "alpha": lora.alpha, "modules": lora.modules, "layers": lora.layers,
@@ -266,7 +254,7 @@ def run_dpo(job: Job) -> Attempt:
                             "rejected_reward": float(spec.beta * rejected.mean()),
                             "accuracy": float((z > 0).float().mean()), "loss": loss_total}
 
-    with _frozen(view), lora.hooks():
+    with frozen(view), lora.hooks():
         with torch.no_grad(), lora.disabled():
             ref = [sequence_logprobs(view, rows(group))[0] for group in groups]
         report = _train(job, lora, "dpo", step_fn)

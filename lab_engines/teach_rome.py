@@ -41,7 +41,7 @@ import torch
 from lab_engines.causal_runs import BatchRunner, Row, add, prob, put
 from lab_engines.causal_tracing import window_layers
 from lab_engines.model_access import ModelView
-from lab_engines.teach_common import Attempt, Job, Skip, write_safetensors
+from lab_engines.teach_common import Attempt, Job, Skip, frozen, write_safetensors
 from lab_engines.teach_eval import Variant, answer_logits
 from lab_engines.teach_guard import relative_delta
 from lab_engines.teach_text import Prompt
@@ -289,8 +289,9 @@ def run_rome(job: Job) -> Attempt:
     kl_text = f"{subject} is a"
     kl_ids = view.tokenizer(kl_text, add_special_tokens=False)["input_ids"]
     kl_last = subject_tokens(view, Prompt(text=kl_text), kl_ids, subject)[1] - 1
-    delta, curve, gate = _optimise(dataclasses.replace(job, span=job.span.sub(0.2, 1.0)), layer, rows,
-                                   case.target[d:], kl_ids, kl_last, v0, cap)
+    with frozen(view):
+        delta, curve, gate = _optimise(dataclasses.replace(job, span=job.span.sub(0.2, 1.0)), layer, rows,
+                                       case.target[d:], kl_ids, kl_last, v0, cap)
     phases["optimise"] = time.perf_counter() - clock - sum(phases.values())
     b = delta[:, None]  # [out, 1] = v* - W k*
     a = (k / k.dot(k))[None, :]  # [1, in]
