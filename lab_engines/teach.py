@@ -11,9 +11,11 @@ Every run, on the Lab's torch copy:
   5. always — also on an error or a cancel — the copy back to its exact base weights (edited tensors copied
      back, hooks removed, requires_grad and train/eval mode put back) and every tensor re-hashed:
      `restored_identical`;
-  6. unless the change harmed the regression set past `regression_threshold` (then `reverted: true`,
-     `revert_reason`, no components), the components: files written into the job folder, dicts returned
-     (kinds per adapters/overlay.py and the aura design: token_bias, prompt_delta, lora, steering).
+  6. unless the change harmed the regression set or the given neighbours past `regression_threshold` (then
+     `reverted: true`, `revert_reason`, no components), the components: files written into the job folder
+     (ctx.artifact_dir), dicts returned (kinds per adapters/overlay.py and the aura design: token_bias,
+     prompt_delta, lora, steering). A method that ran but did not fix the correction still emits them
+     (`report.fixed: false`); auto emits only a winner.
 Result: {method, components, report, reverted, revert_reason, restored_identical, timings, artifacts}; the same
 is written to teach.json."""
 from __future__ import annotations

@@ -15,7 +15,8 @@
 position is the answer's token), which is the same as greedy decoding producing them. A change is harmful
 when more than `regression_threshold` of the regression items the model got right before the run break, or
 of the given neighbours (prompts whose answers must not change) it answered before change their answer;
-regression items whose prompt is one being corrected (or a paraphrase) are left out. A Variant is what a
+regression items whose prompt is part of a correction (its prompt or question, a paraphrase, the target or the
+old answer: a chat answer repeats "The capital of France is") are left out. A Variant is what a
 method changes: a prompt delta (rendered into every evaluated prompt), a logit bias (added to every
 evaluated distribution) and hooks or edited weights (active inside `variant.active()`)."""
 from __future__ import annotations
@@ -184,9 +185,14 @@ class Suite:
                  threshold: float, fluency_tokens: int, ctx: JobContext) -> None:
         self.view, self.cases, self.neighbors, self.ctx = view, cases, neighbors, ctx
         self.threshold, self.fluency_tokens = threshold, fluency_tokens
-        asked = {_norm(c.prompt.question) for c in cases} | {_norm(p.question) for c in cases for p in c.paraphrases}
-        self.excluded = [r.prompt.text for r in regression if _norm(r.prompt.text) in asked]
-        self.regression = [r for r in regression if _norm(r.prompt.text) not in asked]
+        asked = [_norm(t) for c in cases for t in (c.prompt.question, c.target_text, c.old_text,
+                                                    *(p.question for p in c.paraphrases))]
+
+        def about_the_correction(ref: Reference) -> bool:  # "The capital of France is" in "...France is Paris."
+            return any(_norm(ref.prompt.text) in text for text in asked)
+
+        self.excluded = [r.prompt.text for r in regression if about_the_correction(r)]
+        self.regression = [r for r in regression if not about_the_correction(r)]
         self.base = self.measure(Variant(), generate=True)
         self.right_before = [s.exact for s in self.base.regression]
 
