@@ -21,6 +21,8 @@ is written to teach.json."""
 from __future__ import annotations
 
 import json
+import logging
+import math
 import time
 
 import msgspec
@@ -42,6 +44,7 @@ __all__ = ["METHODS", "run_train_live", "run_train_target"]
 METHODS = {"token_bias": run_token_bias, "prompt": run_prompt, "rome": run_rome, "lora": run_lora, "dpo": run_dpo,
            "steer": run_steer}
 RESULT_FILE = "teach.json"
+log = logging.getLogger("omniloader.lab")
 
 
 def _checked(spec, kind: type):
@@ -210,8 +213,8 @@ def _run(view: ModelView, spec, ctx: JobContext, build, order: list[str], auto: 
     result["restored_identical"] = restore["restored_identical"]
     result["restore"] = restore
     if winner is None:  # auto: nothing fixed it
-        result.update(reverted=True, revert_reason="no method fixed the correction without harming the regression "
-                      "set: " + "; ".join(f"{a['method']} {a['status']}" + (f" ({a['reason']})" if a.get("reason")
+        result.update(reverted=True, revert_reason="no method fixed the correction without harm (to the regression "
+                      "set or the neighbours): " + "; ".join(f"{a['method']} {a['status']}" + (f" ({a['reason']})" if a.get("reason")
                                                                             else "") for a in attempts))
         result["report"] = {"attempts": attempts, "fixed": False}
     else:
@@ -230,9 +233,23 @@ def _run(view: ModelView, spec, ctx: JobContext, build, order: list[str], auto: 
     result["timings"] = {k: (round(v, 3) if isinstance(v, float) else {a: round(b, 3) for a, b in v.items()})
                          for k, v in timings.items()}
     result["artifacts"] = [*files, RESULT_FILE]
+    result = _finite(result)  # a diverged run's NaN log-probs are null in JSON
+    if not result["restored_identical"]:
+        log.error("teach: the copy differs from its snapshot after the restore (%s): do not reuse it",
+                  restore["changed_tensors"][:5])
     (ctx.artifact_dir / RESULT_FILE).write_text(json.dumps(result, indent=1, allow_nan=False, default=str))
     span(1.0, "done" if not result["reverted"] else "reverted")
     return result
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _why_not(report: dict) -> str:
