@@ -108,6 +108,7 @@ class TrainTargetSpec(TeachKnobs, kw_only=True):
     target: ShortText = ""
     method: Literal["token_bias", "prompt", "rome", "lora", "dpo", "steer", "auto"] = "auto"
     rejected: ShortText | None = None  # the bad answer; None: the model's own greedy answer
+    # paraphrases and neighbours replace the question: the raw prompt, or the last user message of `messages`
     paraphrases: Annotated[list[Text], msgspec.Meta(max_length=MAX_ITEMS)] = msgspec.field(default_factory=list)
     neighbors: Annotated[list[Neighbor], msgspec.Meta(max_length=MAX_ITEMS)] = msgspec.field(default_factory=list)
     subject: ShortText | None = None  # rome: the subject in the prompt; None: picked by causal tracing
@@ -123,6 +124,7 @@ class TrainLiveSpec(TeachKnobs, kw_only=True):
     corrections: Annotated[list[Correction], msgspec.Meta(max_length=MAX_CORRECTIONS)] = msgspec.field(
         default_factory=list)
     method: Literal["token_bias", "prompt", "lora", "dpo", "auto"] = "auto"
+    # rendered in the first correction's form (its chat messages with the question replaced, or raw text)
     neighbors: Annotated[list[Neighbor], msgspec.Meta(max_length=MAX_ITEMS)] = msgspec.field(default_factory=list)
     auto_methods: Annotated[list[Literal["token_bias", "prompt", "lora", "dpo"]],
                             msgspec.Meta(min_length=1, max_length=4)] | None = None
