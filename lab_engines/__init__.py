@@ -34,5 +34,7 @@ ENGINES = {e.kind: e for e in (
     Engine("causal_test", "lab_engines.causal:CausalSpec", "lab_engines.causal:run_causal"),
     Engine("snapshot", "lab_engines.snapshots:SnapshotSpec", "lab_engines.snapshots:run_snapshot"),
     Engine("rollback", "lab_engines.snapshots:RollbackSpec", "lab_engines.snapshots:run_rollback"),
+    Engine("train_target", "lab_engines.teach_spec:TrainTargetSpec", "lab_engines.teach:run_train_target"),
+    Engine("train_live", "lab_engines.teach_spec:TrainLiveSpec", "lab_engines.teach:run_train_live"),
 )}
 

@@ -63,6 +63,7 @@ __all__ = [
 ]
 
 PROBE_DIR = Path(__file__).resolve().parent / "probes"
+NOT_DEFAULT_SETS = {"regression"}
 MIN_RANDOM_ID = 100  # low ids are special/control/byte tokens in most vocabularies
 
 
@@ -341,7 +342,9 @@ def text_ids(view: ModelView, text: str, what: str) -> list[int]:
 
 # --- probes ---------------------------------------------------------------------------------------
 def probe_set_names() -> list[str]:
-    return sorted(p.stem for p in PROBE_DIR.glob("*.jsonl"))
+    """The default probe sets: every shipped file but the teach engines' regression set (lab_engines.teach_eval),
+    which is in the same format and can still be named in `probe_sets`."""
+    return sorted(p.stem for p in PROBE_DIR.glob("*.jsonl") if p.stem not in NOT_DEFAULT_SETS)
 
 
 def load_probe_set(name: str) -> list[ProbeItem]:

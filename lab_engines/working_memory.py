@@ -32,6 +32,7 @@ import msgspec
 
 from lab_engines.causal_spec import LOGIT_BUDGET
 from lab_engines.diagnostics_spec import CHUNK, PRESETS, TOKEN_BUDGET
+from lab_engines.teach_spec import AUTO_ORDER, LIVE_AUTO_ORDER
 from lab_engines.trace_spec import BATCH_TOKENS, MAX_TARGET_TOKENS
 
 __all__ = ["CANDIDATES", "ModelDims", "responsible_field", "tokens", "working_memory"]
@@ -209,8 +210,72 @@ def _snapshot(_spec, dims: ModelDims) -> int:
     return 2 * F32 * dims.vocab * dims.d_model
 
 
+# --- train_target, train_live -----------------------------------------------------------------------------------
+TEACH_EVAL_ROWS, TEACH_MICRO, TEACH_TRACE_BATCH = 16, 8, 32  # teach_eval.ROWS_PER_PASS, teach_lora.MICRO_BATCH, rome's
+TEACH_PREFIXES, PREFIX_TOKENS = 4, 6  # rome's KEY_PREFIXES (the longest 6 tokens): raw prompts are also trained (lora)
+# and keyed (rome) behind each. Measured peaks over the loaded default model, "The capital of France is" -> " Rome"
+# with 2 paraphrases and 2 neighbours: token_bias 3 MiB (estimate 62), rome 88 (296), lora 96 (254), dpo 25 (116),
+# auto 89 (296): the estimate counts ~3x the real tokens of such short English prompts
+CHAT_OVERHEAD = 40  # tokens a chat template adds around the messages (SmolLM2: its default system prompt, roles)
+SHIPPED_REGRESSION = 48  # items in lab_engines/probes/regression.jsonl
+
+
+def _prompt_tokens(prompt: str, messages, dims: ModelDims) -> int:
+    if messages:
+        return min(sum(tokens(m.content, dims) + 4 for m in messages) + CHAT_OVERHEAD, dims.n_ctx)
+    return tokens(prompt, dims)
+
+
+def _lora_bytes(spec, dims: ModelDims) -> int:
+    """The adapter, its gradient and Adam's two moments (a module's in + out at most d_model + d_ff)."""
+    layers = min(len(set(spec.layers)), dims.n_layers) if spec.layers else dims.n_layers
+    return 4 * F32 * spec.rank * (dims.d_model + dims.d_ff) * len(set(spec.modules)) * layers
+
+
+def _teach(spec, dims: ModelDims) -> int:
+    live = hasattr(spec, "corrections")
+    if live:
+        items = [(_prompt_tokens(c.prompt, c.messages, dims), max(tokens(c.good, dims), tokens(c.bad, dims)))
+                 for c in spec.corrections] or [(1, 1)]
+        paraphrases: list[str] = []
+        methods = (spec.auto_methods or LIVE_AUTO_ORDER) if spec.method == "auto" else [spec.method]
+    else:
+        items = [(_prompt_tokens(spec.prompt, spec.messages, dims), max(tokens(spec.target, dims),
+                                                                        tokens(spec.rejected, dims)))]
+        paraphrases = spec.paraphrases
+        methods = (spec.auto_methods or AUTO_ORDER) if spec.method == "auto" else [spec.method]
+    answer = max(a for _p, a in items)
+    context = max([p for p, _a in items] + [tokens(t, dims) + CHAT_OVERHEAD * bool(not live and spec.messages)
+                                             for t in paraphrases])
+    refs = [*spec.neighbors, *spec.regression_extra]
+    context = max([context] + [tokens(r.prompt, dims) + tokens(r.answer, dims) for r in refs])
+    seq = min(context + answer + PREFIX_TOKENS, dims.n_ctx)
+    cases = len(items)
+    rows = 2 * cases + 2 * len(paraphrases) + 2 * len(spec.neighbors) + len(spec.regression_extra) \
+        + SHIPPED_REGRESSION * (spec.regression_set == "shipped")
+    generated = 3 + min(cases, 8)
+    gen_seq = min(seq + max(spec.fluency_tokens, answer + 4), dims.n_ctx)
+    evaluation = max(_forward(dims, min(TEACH_EVAL_ROWS, rows), seq, answer),
+                     _forward(dims, generated, gen_seq, 1) + _kv(dims, generated, gen_seq))
+    train_rows = cases * (1 + TEACH_PREFIXES)
+    parts = [0]
+    for method in set(methods):
+        if method in ("token_bias", "prompt", "steer"):
+            parts.append(_forward(dims, 1, seq, answer) + cases * answer * dims.vocab * F32)
+        elif method == "rome":
+            trace = _forward(dims, TEACH_TRACE_BATCH, seq, 1) + 2 * dims.n_layers * seq * dims.d_model * F32
+            parts.append(max(trace, _backward(dims, TEACH_PREFIXES + 2, seq, answer)) + dims.d_model * dims.d_ff * F32)
+        elif method == "lora":
+            parts.append(_backward(dims, min(TEACH_MICRO, train_rows), seq, answer) + _lora_bytes(spec, dims))
+        elif method == "dpo":
+            parts.append(_backward(dims, min(TEACH_MICRO, 2 * cases), seq, answer) + _lora_bytes(spec, dims)
+                         + cases * 2 * F32)
+    numbers = 12 * (rows + cases) + spec.fluency_tokens * 3
+    return max(evaluation, *parts) + numbers * RESULT
+
+
 _ESTIMATES = {"causal_test": _causal, "trace": _trace, "diagnostics": _diagnostics, "snapshot": _snapshot,
-              "rollback": _snapshot}
+              "rollback": _snapshot, "train_target": _teach, "train_live": _teach}
 
 
 def working_memory(kind: str, spec: msgspec.Struct, dims: ModelDims) -> int:
@@ -226,6 +291,10 @@ CANDIDATES = {
     "diagnostics": ("mode", "sections", "n_sequences", "repeat_len", "n_controls", "probes", "texts", "canaries"),
     "snapshot": (),
     "rollback": (),
+    "train_target": ("prompt", "messages", "target", "rejected", "paraphrases", "neighbors", "regression_extra",
+                     "method", "auto_methods", "rank", "modules", "layers", "fluency_tokens", "regression_set"),
+    "train_live": ("corrections", "neighbors", "regression_extra", "method", "auto_methods", "rank", "modules",
+                   "layers", "fluency_tokens", "regression_set"),
 }
 
 
