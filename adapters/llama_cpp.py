@@ -27,6 +27,7 @@ from adapters.errors import (
     LoadFailed,
     Unsupported,
 )
+from adapters.llama_prompt_cache import PromptCache
 from adapters.llama_grammar import json_schema_grammar, lazy_grammar_llama
 from adapters.llama_overlay import DEFAULT_CACHE, LlamaOverlays
 from adapters.logprobs import token_logprob
@@ -137,6 +138,7 @@ class LlamaCppAdapter(Adapter):
             )
         cache = self.manifest.params.get("aura_cache") or getattr(self.settings, "aura_cache", None) or DEFAULT_CACHE
         self._overlays = LlamaOverlays(self._llm, self.id, cache)
+        self._cache = PromptCache(self._llm)
         self.report_capabilities(self.supported)
 
     def unload(self) -> None:
@@ -212,7 +214,7 @@ class LlamaCppAdapter(Adapter):
         grammar = self._grammar(params.json_schema) if params.json_schema is not None else None
         llm = self._llm
         self._use_overlay(params.overlay)
-        self._prefill_all_but_last(prompt)
+        self._cache.prefill(prompt)
         llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
         tokens = llm.generate(
             prompt,
@@ -251,29 +253,12 @@ class LlamaCppAdapter(Adapter):
         key = overlay.key if overlay is not None and not overlay.empty else None
         self._overlays.apply(overlay)
         if key != self._kv_overlay:
-            self._llm.n_tokens = 0  # nothing cached is reused: the next eval recomputes the whole prompt
+            self._cache.reset()  # nothing cached is reused: the next prompt is evaluated from scratch
             self._kv_overlay = key
 
     def overlay_cache_size(self) -> int:
         """Loaded LoRA adapters (at most the `aura_cache` setting, plus those one request stacks)."""
         return self._overlays.cached() if self._overlays is not None else 0
-
-    def _prefill_all_but_last(self, prompt: list[int]) -> None:
-        """Evaluate all of the prompt but its last token, reusing the longest prefix already in the KV
-        cache; llama-cpp-python's generate() then decodes the last token alone. A token's logits depend
-        on the batch it is decoded in, so without this a cached prompt (last token alone) and a fresh
-        one (last token inside the prompt's batch) sample differently: the same seeded request would
-        not give the same output twice."""
-        llm = self._llm
-        head = prompt[:-1]
-        cached = llm.input_ids[: llm.n_tokens]
-        common = 0
-        for ours, theirs in zip(head, cached):
-            if ours != theirs:
-                break
-            common += 1
-        llm.n_tokens = common
-        llm.eval(head[common:])  # drops the cache past `common`, then decodes the rest of the head
 
     def _sampled_logprob(self, token: int, top: int) -> TokenLogprob:
         """Log-probability of the token just sampled, from the raw logits it was sampled from
@@ -290,7 +275,7 @@ class LlamaCppAdapter(Adapter):
         tokens = self.prompt_tokens(GenerateParams(prompt=prompt))
         self.generation_budget(len(tokens), 0)
         self._use_overlay(None)  # the base model scores (a request's overlay never lingers here)
-        llm.reset()  # the KV cache is rebuilt here; the next generate() evaluates from scratch
+        self._cache.reset()  # the KV cache is rebuilt here; the next generate() evaluates from scratch
         llm._ctx.kv_cache_clear()
         first = self._piece(tokens[0]) if tokens else b""
         scored = [TokenLogprob(first.decode("utf-8", errors="replace"), None, list(first))]

@@ -193,6 +193,9 @@ class JobQueue:
                 ctx.check()
                 live.stage = "running"
                 result = engine.runner()(copy.view, spec, ctx)
+                if result.get("restored_identical") is False:  # an edit the engine could not undo: never reuse
+                    self.models.discard(copy)
+                    copy = None
             artifacts = [f"{row.kind}/{row.id}/{name}" for name in result.get("artifacts", [])]
             if self.on_success is not None:
                 result = {**result, **self.on_success(row, result)}

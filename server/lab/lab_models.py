@@ -77,6 +77,10 @@ class LabModels:
         finally:
             lease.release()
 
+    def discard(self, copy: LabCopy) -> None:
+        """Give a copy back to be unloaded (its weights may no longer be the model's)."""
+        self.pool.discard(copy.lease)
+
     def checkin(self, copy: LabCopy) -> None:
         copy.lease.release()
 

@@ -89,6 +89,8 @@ class Teaching:
                 raise InvalidRequestError("`aura` must be a name of lowercase letters, digits, `-` and `_` "
                                           "(at most 64).", param="aura")
             extra["aura"] = aura
+        record = self.registry.get(model_id)
+        data["base_sha256"] = self.auras.base_sha256(record) or ""  # written into the component files
         if kind == "train_live":
             queued = self.corrections.list(model=model_id, status="queued")
             if not queued:
