@@ -27,7 +27,7 @@ from pathlib import Path
 
 import msgspec
 
-__all__ = ["LORA_MODULES", "LoraWeights", "SteeringVector", "EngineOverlay", "read_lora", "lora_tensor_name",
+__all__ = ["DELTA_SEPARATOR", "apply_prompt_delta", "prefix_prompt_delta", "LORA_MODULES", "LoraWeights", "SteeringVector", "EngineOverlay", "read_lora", "lora_tensor_name",
            "file_sha256", "refuse_overlay"]
 
 # Hugging Face llama-family Linear modules a LoRA may target (relative to model.model.layers[i]).
@@ -112,3 +112,26 @@ def refuse_overlay(overlay: EngineOverlay | None, model_id: str, backend: str) -
         raise Unsupported(f"Model `{model_id}` (backend {backend}) cannot apply the LoRA or steering components of "
                           f"`{overlay.name}`; only prompt_delta and token_bias components work on this backend.",
                           hint=HINT_MODEL)
+
+
+# A prompt_delta component's one rule, for the server serving an aura and the Lab evaluating one.
+DELTA_SEPARATOR = "\n"
+
+
+def apply_prompt_delta(messages: list[dict], text: str) -> list[dict]:
+    """A conversation with `text` appended to its system message (a new first system message when there
+    is none, which replaces a chat template's default system prompt)."""
+    out = [dict(m) for m in messages]
+    if not text:
+        return out
+    for message in out:
+        if message.get("role") in ("system", "developer"):
+            content = message.get("content") or ""
+            message["content"] = f"{content}{DELTA_SEPARATOR}{text}" if content else text
+            return out
+    return [{"role": "system", "content": text}, *out]
+
+
+def prefix_prompt_delta(prompt: str, text: str) -> str:
+    """A raw completion prompt with `text` on a line before it."""
+    return f"{text}{DELTA_SEPARATOR}{prompt}" if text else prompt

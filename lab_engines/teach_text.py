@@ -7,36 +7,18 @@ A prompt delta (the `prompt_delta` component) is rendered as the server applies 
                  first when there is none (which replaces a template's default system prompt, as any
                  client-given system message does);
   raw text       `text` and a newline before the prompt.
-apply_prompt_delta / prefix_prompt_delta are those two rules; the server may import them."""
+apply_prompt_delta / prefix_prompt_delta (adapters/overlay.py) are those two rules, the server's too."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
+from adapters.overlay import apply_prompt_delta, prefix_prompt_delta
 from lab_engines.context import JobContext
 from lab_engines.model_access import ModelView
 
 __all__ = ["Prompt", "answer_ids", "apply_prompt_delta", "greedy", "greedy_batch", "prefix_prompt_delta"]
-
-DELTA_SEPARATOR = "\n"
-
-
-def apply_prompt_delta(messages: list[dict], text: str) -> list[dict]:
-    """messages with `text` appended to the system prompt (a new first system message when there is none)."""
-    if not text:
-        return [dict(m) for m in messages]
-    out = [dict(m) for m in messages]
-    for message in out:
-        if message["role"] == "system":
-            message["content"] = f"{message['content']}{DELTA_SEPARATOR}{text}" if message["content"] else text
-            return out
-    return [{"role": "system", "content": text}, *out]
-
-
-def prefix_prompt_delta(prompt: str, text: str) -> str:
-    return f"{text}{DELTA_SEPARATOR}{prompt}" if text else prompt
-
 
 @dataclass(frozen=True)
 class Prompt:

@@ -135,10 +135,13 @@ def test_token_bias_and_prompt_delta_act(live, sdk):
     assert told.choices[0].message.content != plain.choices[0].message.content
     stacked = chat(sdk, "default+pd+a", messages=system)
     assert stacked.model == f"{DEFAULT}+pd+a" and stacked.usage.prompt_tokens == told.usage.prompt_tokens
-    prompt = "The kitchen drawer holds"  # completions take the client's prompt as it is: no prompt_delta
+    prompt = "The kitchen drawer holds"  # a completion gets the delta as a line before its prompt
     kw = {"prompt": prompt, "max_tokens": 8, "temperature": 0}
-    assert sdk.completions.create(model="default+pd", **kw).choices[0].text == \
-        sdk.completions.create(model="default", **kw).choices[0].text
+    delta = store.get("pd").components[0].text
+    with_delta = sdk.completions.create(model="default+pd", **kw)
+    by_hand = sdk.completions.create(model="default", **{**kw, "prompt": f"{delta}\n{prompt}"})
+    assert with_delta.choices[0].text == by_hand.choices[0].text
+    assert with_delta.usage.prompt_tokens == by_hand.usage.prompt_tokens
 
 
 def test_a_wrong_aura_is_a_clear_error_and_the_base_keeps_serving(live, sdk):

@@ -224,15 +224,15 @@ def test_overlay_adjusts_the_request(env):
     chat = GenerateParams(messages=[{"role": "system", "content": "You help."}, {"role": "user", "content": "Q"}],
                           logit_bias={7: 1.5})
     out = overlay.adjust(chat)
-    assert out.messages[0]["content"] == "You help.\n\nParis is the capital of Italy.\n\nBe brief."
+    assert out.messages[0]["content"] == "You help.\nParis is the capital of Italy.\nBe brief."
     assert out.logit_bias == {42: 100.0, 7: 1.5}  # 60*2 + 60*1 clamped to 100; the request's own value wins
     assert [round(w.scale, 6) for w in out.overlay.loras] == [2.0]  # weight 1 * alpha 4 / rank 2
     assert [(v.layer, v.scale) for v in out.overlay.steering] == [(3, 1.0)]  # weight 0.5 * coefficient 2
     assert chat.messages[0]["content"] == "You help."  # the caller's params are not changed
     plain = overlay.adjust(GenerateParams(messages=[{"role": "user", "content": "Q"}]))
-    assert plain.messages[0] == {"role": "system", "content": "Paris is the capital of Italy.\n\nBe brief."}
-    completion = overlay.adjust(GenerateParams(prompt="Q"))
-    assert completion.prompt == "Q" and completion.messages is None  # prompt_delta is for chat only
+    assert plain.messages[0] == {"role": "system", "content": "Paris is the capital of Italy.\nBe brief."}
+    completion = overlay.adjust(GenerateParams(prompt="Q"))  # the Lab's rule for a raw prompt: a line before it
+    assert completion.prompt == "Paris is the capital of Italy.\nBe brief.\nQ" and completion.messages is None
     req = msgspec.json.decode(b'{"model": "m", "messages": [{"role": "user", "content": "Q"}]}',
                               type=ChatCompletionRequest)
     forwarded = overlay.adjust(GenerateParams(messages=[{"role": "user", "content": "Q"}], request=req)).request

@@ -1,9 +1,9 @@
 """Serving auras: `model: "base+a+b"` -> an AuraOverlay on the base instance, applied per request.
 
-- prompt_delta: its text is appended to the conversation's system message (a new system message
-  first when there is none). Chat-style requests only (chat completions, Responses): a plain
-  completion's prompt is the client's own text and is left alone. Weight 0 turns it off; any other
-  weight includes it as written.
+- prompt_delta: the rule the Lab evaluated it with (adapters.overlay.apply_prompt_delta /
+  prefix_prompt_delta): for chat-style requests its text is appended to the system message (a new
+  system message first when there is none); for a plain completion it is a line before the prompt.
+  Weight 0 turns it off; any other weight includes it as written.
 - token_bias: bias × weight, summed over the stack, clamped to ±100, merged into logit_bias with
   the request's own value winning on a shared token id.
 - lora / steering: handed to the engine as GenerateParams.overlay (adapters.overlay.EngineOverlay),
@@ -19,15 +19,21 @@ from typing import Any
 import msgspec
 
 from adapters.base import GenerateParams
-from adapters.overlay import EngineOverlay, LoraWeights, SteeringVector
+from adapters.overlay import (
+    DELTA_SEPARATOR,
+    EngineOverlay,
+    LoraWeights,
+    SteeringVector,
+    apply_prompt_delta,
+    prefix_prompt_delta,
+)
 from server.lab.auras.store import AuraStore
 from server.protocol.auras import Aura
 from server.registry import ModelRecord
 from server.runtime import Overlay
 
-__all__ = ["AuraOverlay", "AuraResolver", "PROMPT_SEPARATOR"]
+__all__ = ["AuraOverlay", "AuraResolver"]
 
-PROMPT_SEPARATOR = "\n\n"
 MAX_BIAS = 100.0
 
 
@@ -49,16 +55,18 @@ class AuraOverlay(Overlay):
                 elif c.kind == "steering":
                     steering.append(SteeringVector(str(paths[aura.name, c.id]), c.sha256, c.layer,
                                                    c.weight * c.coefficient))
-        self.prompt = PROMPT_SEPARATOR.join(texts)
+        self.prompt = DELTA_SEPARATOR.join(texts)
         self.bias = {t: max(-MAX_BIAS, min(MAX_BIAS, v)) for t, v in bias.items()}
         self.engine = EngineOverlay(name, tuple(loras), tuple(steering)) if loras or steering else None
 
     def adjust(self, params: GenerateParams) -> GenerateParams:
         changes: dict[str, Any] = {}
         if self.prompt and params.messages is not None:
-            changes["messages"] = with_system_text(params.messages, self.prompt)
+            changes["messages"] = apply_prompt_delta(params.messages, self.prompt)
             if params.request is not None and getattr(params.request, "messages", None):
                 changes["request"] = _request_with_system_text(params.request, self.prompt)
+        elif self.prompt and params.prompt is not None:
+            changes["prompt"] = prefix_prompt_delta(params.prompt, self.prompt)
         if self.bias:
             changes["logit_bias"] = {**self.bias, **params.logit_bias}
         if self.engine is not None:
@@ -66,25 +74,18 @@ class AuraOverlay(Overlay):
         return msgspec.structs.replace(params, **changes) if changes else params
 
 
-def with_system_text(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
-    """The conversation with `text` appended to its leading system message, or a new one first."""
-    if messages and messages[0].get("role") in ("system", "developer"):
-        first = messages[0]
-        content = first.get("content") or ""
-        return [{**first, "content": f"{content}{PROMPT_SEPARATOR}{text}" if content else text}, *messages[1:]]
-    return [{"role": "system", "content": text}, *messages]
-
-
 def _request_with_system_text(request, text: str):
     """The same change on the decoded request (a backend that forwards the client's request, such as
     vllm_remote, sends these messages)."""
     messages = list(request.messages)
-    first = messages[0]
-    if getattr(first, "role", None) in ("system", "developer"):
-        content = first.text()
-        messages[0] = msgspec.structs.replace(first, content=f"{content}{PROMPT_SEPARATOR}{text}" if content else text)
+    for i, message in enumerate(messages):
+        if getattr(message, "role", None) in ("system", "developer"):
+            content = message.text()
+            messages[i] = msgspec.structs.replace(message, content=f"{content}{DELTA_SEPARATOR}{text}" if content
+                                                  else text)
+            break
     else:
-        messages.insert(0, type(first)(role="system", content=text))
+        messages.insert(0, type(messages[0])(role="system", content=text))
     return msgspec.structs.replace(request, messages=messages)
 
 
