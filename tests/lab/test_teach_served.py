@@ -70,3 +70,16 @@ def test_queued_corrections_train_live_into_an_aura_that_serves_them(http):
     assert _answer(http, "default+live-bias").startswith(" Rome")
     empty = http.post("/lab/train/live", json={"model": "default", "method": "token_bias"})
     assert empty.status_code == 400 and empty.json()["error"]["param"] == "model"  # nothing queued any more
+
+
+@pytest.mark.slow
+def test_a_lora_on_a_new_fact_raises_it_and_the_served_model_answers_it(http):
+    prompt, target = "Professor Quillby's pet dragon is named", " Ember"
+    assert not _answer(http, "default", prompt).startswith(target)
+    job = _job(http, "/lab/train/target", {"model": "default", "prompt": prompt, "target": target,
+                                           "method": "lora", "aura": "dragon"})
+    result = job["result"]
+    assert result["method"] == "lora" and not result["reverted"], result.get("revert_reason")
+    (case,) = result["report"]["efficacy"]["cases"]
+    assert case["target_logprob"]["after"] - case["target_logprob"]["before"] > 1.0  # mean over its tokens, nats
+    assert _answer(http, "default+dragon", prompt).startswith(target)
