@@ -112,7 +112,10 @@ class Lease:
         if self._loop is None or on_loop:
             self._pool._release(self.instance, self.worker)
         else:  # a Lab job thread gives its copy back: the pool's state lives on the event loop
-            self._loop.call_soon_threadsafe(self._pool._release, self.instance, self.worker)
+            try:
+                self._loop.call_soon_threadsafe(self._pool._release, self.instance, self.worker)
+            except RuntimeError:  # the loop is closed (shutdown): the pool is gone with it
+                pass
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
