@@ -23,6 +23,8 @@ class Capability:
     LOGPROBS = "logprobs"
     LORA = "lora"
     TORCH = "torch"
+    INSERT = "insert"  # fill-in-the-middle: the tokenizer has FIM tokens (GenerateParams.suffix)
+    THINKING = "thinking"  # the chat template thinks in <think>...</think> (split out as reasoning)
 
 
 class GenerateParams(msgspec.Struct, kw_only=True):
@@ -97,7 +99,8 @@ class Delta(msgspec.Struct):
 
 
 CAPABILITY_ORDER = (Capability.CHAT, Capability.COMPLETION, Capability.TOOLS, Capability.JSON_SCHEMA,
-                    Capability.LOGPROBS, Capability.EMBEDDINGS, Capability.LORA, Capability.TORCH)
+                    Capability.LOGPROBS, Capability.EMBEDDINGS, Capability.INSERT, Capability.THINKING,
+                    Capability.LORA, Capability.TORCH)
 
 
 def ordered(capabilities) -> list[str]:

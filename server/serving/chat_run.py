@@ -10,12 +10,20 @@ from adapters.base import TokenLogprob, Usage
 from server.serving.run import Generation
 from server.serving.tools import ForcedCallParser, ToolMode, new_call_id, parse_auto_call
 
-__all__ = ["TextDelta", "ToolCallStart", "ToolCallArgs", "Finish", "ChatEvent", "chat_run"]
+__all__ = ["TextDelta", "ReasoningDelta", "ToolCallStart", "ToolCallArgs", "Finish", "ChatEvent", "chat_run"]
 
 
 class TextDelta(msgspec.Struct):
     text: str
     logprobs: list[TokenLogprob] | None = None
+
+
+class ReasoningDelta(msgspec.Struct):
+    """Thinking the model did before its answer (`<think>...</think>`), split out of the text:
+    OpenAI chat renders it as `reasoning_content` (and `reasoning`), Ollama as `message.thinking`,
+    Anthropic as a `thinking` content block."""
+
+    text: str
 
 
 class ToolCallStart(msgspec.Struct):
@@ -34,7 +42,7 @@ class Finish(msgspec.Struct):
     usage: Usage | None
 
 
-ChatEvent = TextDelta | ToolCallStart | ToolCallArgs | Finish
+ChatEvent = TextDelta | ReasoningDelta | ToolCallStart | ToolCallArgs | Finish
 
 
 def _finish_reason(reason: str, called: bool) -> str:
