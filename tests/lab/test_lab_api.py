@@ -155,7 +155,8 @@ def test_a_restart_marks_the_running_job_interrupted(tmp_path):
     work = _workdir(tmp_path)
     server = LiveServer(work)
     try:
-        job = httpx.post(server.base_url + "/lab/snapshot", json={"model": "default"}).json()
+        # The first Lab request of a fresh server imports torch and reads the model's shape: slow on a busy machine.
+        job = httpx.post(server.base_url + "/lab/snapshot", json={"model": "default"}, timeout=120).json()
         with httpx.Client(base_url=server.base_url) as c:
             wait(c, job["id"], {"running"})
         server.process.kill()  # no shutdown hooks: as a crash or power cut would
